@@ -1,0 +1,42 @@
+"""`loom api`: the HTTP front end under uvicorn."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from loom.config import DEFAULT_FRONTEND, add_common_arguments, env, setup_logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=env("LOOM_HOST", "127.0.0.1"),
+                        help="address to listen on (default %(default)s: this machine only)")
+    parser.add_argument("--port", type=int, default=int(env("LOOM_PORT", "8080") or 8080), help="default %(default)s")
+    parser.add_argument("--broker", default=env("LOOM_BROKER_FRONTEND", DEFAULT_FRONTEND),
+                        help="the broker's API address (env LOOM_BROKER_FRONTEND; default %(default)s)")
+    parser.add_argument("--default-model", default=env("LOOM_DEFAULT_MODEL"),
+                        help='model used when a request says "model": "" (env LOOM_DEFAULT_MODEL)')
+    parser.add_argument("--api-key-file", default=env("LOOM_API_KEY_FILE"),
+                        help="require `Authorization: Bearer <key>` with the key in this file "
+                             "(or set LOOM_API_KEY); /health stays open")
+    parser.add_argument("--curve-keys", type=Path, default=env("LOOM_CURVE_KEYS"),
+                        help="key directory from `loom keys` for an encrypted broker connection")
+    parser.add_argument("--curve-name", default=env("LOOM_CURVE_NAME", "client"), help="client key pair name")
+    add_common_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging("api", args.log_level)
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import Settings, read_api_key
+
+    settings = Settings(
+        broker=args.broker,
+        default_model=args.default_model,
+        api_key=read_api_key(env("LOOM_API_KEY"), args.api_key_file),
+        curve=argparse.Namespace(curve_keys=args.curve_keys, curve_name=args.curve_name) if args.curve_keys else None,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=(args.log_level or "info").lower(),
+                access_log=False, timeout_graceful_shutdown=3)
+    return 0

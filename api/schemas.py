@@ -1,0 +1,59 @@
+"""HTTP request bodies, validated by pydantic; field names follow CONTRACT.md."""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+LayerSpec = Union[Literal["all"], int, list[int]]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerationFields(BaseModel):
+    """Fields shared by /v1/chat/completions and /generate. Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field("", description='hub id or model directory name; "" means the server\'s default model')
+    max_tokens: int = Field(256, ge=1, le=8192)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="0 means greedy")
+    top_p: float = Field(0.9, ge=0.0, le=1.0)
+    stream: bool = False
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for sampling (temperature > 0)")
+    return_hidden_states: bool = False
+    hidden_state_layers: LayerSpec | None = Field(
+        None, description='"all", a layer index or a list; 0 is the embeddings, -1 the final state')
+    device: str | None = Field(None, max_length=64, description="run on a worker with this device, e.g. cuda:1")
+
+    @field_validator("hidden_state_layers")
+    @classmethod
+    def _layers(cls, v: LayerSpec | None) -> LayerSpec | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one layer, or leave hidden_state_layers out")
+            if len(v) > 1024:
+                raise ValueError("at most 1024 layers")
+        if isinstance(v, int) and abs(v) > 100_000:
+            raise ValueError("layer index out of range")
+        return v
+
+
+class ChatRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+
+
+class GenerateRequest(GenerationFields):
+    prompt: str = Field(..., min_length=1)
+    hidden_state_layers: LayerSpec | None = Field([-1], description="layers to return (default [-1])")
+    hidden_state_format: Literal["list", "base64"] = "list"
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(..., min_length=1, max_length=512)
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    device: str | None = Field(None, max_length=64)

@@ -1,0 +1,37 @@
+"""API process settings, from `loom api` flags or the environment."""
+from __future__ import annotations
+
+from argparse import Namespace
+from dataclasses import dataclass
+from pathlib import Path
+
+from loom.config import DEFAULT_FRONTEND, env
+
+
+@dataclass
+class Settings:
+    broker: str = DEFAULT_FRONTEND
+    default_model: str | None = None
+    api_key: str | None = None
+    curve: Namespace | None = None  # CURVE client settings for the broker connection
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        keys = env("LOOM_CURVE_KEYS")
+        return cls(
+            broker=env("LOOM_BROKER_FRONTEND", DEFAULT_FRONTEND) or DEFAULT_FRONTEND,
+            default_model=env("LOOM_DEFAULT_MODEL"),
+            api_key=read_api_key(env("LOOM_API_KEY"), env("LOOM_API_KEY_FILE")),
+            curve=Namespace(curve_keys=Path(keys), curve_name=env("LOOM_CURVE_NAME", "client")) if keys else None,
+        )
+
+
+def read_api_key(key: str | None, key_file: str | None) -> str | None:
+    if key:
+        return key.strip()
+    if key_file:
+        text = Path(key_file).read_text().strip()
+        if not text:
+            raise SystemExit(f"API key file {key_file} is empty")
+        return text
+    return None

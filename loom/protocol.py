@@ -1,0 +1,338 @@
+"""The wire protocol between API processes, the broker and workers.
+
+Defined once here and imported by all three. A message is a ZeroMQ multipart
+message: the first part is a msgpack map (the header), and any further parts
+are raw array buffers (hidden states) described by the header's `arrays`
+list. Nothing is pickled; an array never becomes a list of Python floats on
+the worker side.
+
+Topology: API processes (DEALER) -> broker frontend (ROUTER); workers
+(DEALER) -> broker backend (ROUTER). The broker sees the sender identity as
+the first part of every message and prepends the destination identity when
+it sends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Largest header we accept; a header is a small map and anything larger is
+# hostile or broken. Array parts are bounded separately.
+MAX_HEADER_BYTES = 1 << 20
+MAX_ARRAY_BYTES = 1 << 30
+
+HEARTBEAT_INTERVAL_S = 0.5
+# A peer that has been silent this long is considered gone. A dead peer whose
+# TCP connection closed is noticed sooner: the broker's next heartbeat to it
+# fails with EHOSTUNREACH (ROUTER_MANDATORY).
+HEARTBEAT_TIMEOUT_S = 4.0
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol; it is dropped and logged."""
+
+
+# --- error types shared by every layer (and surfaced to HTTP clients) ---------
+
+class ErrorType:
+    INVALID_REQUEST = "invalid_request_error"
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    MODEL_LOAD_FAILED = "model_load_error"
+    CONTEXT_LENGTH = "context_length_exceeded"
+    OVERLOADED = "overloaded_error"
+    NO_WORKER = "no_worker_available"
+    WORKER_LOST = "worker_lost"
+    BROKER_LOST = "broker_lost"
+    INTERNAL = "internal_error"
+
+
+# HTTP status for each error type, used by the API for non-streaming answers.
+HTTP_STATUS = {
+    ErrorType.INVALID_REQUEST: 422,
+    ErrorType.MODEL_NOT_FOUND: 404,
+    ErrorType.MODEL_NOT_LOADED: 404,
+    ErrorType.MODEL_LOAD_FAILED: 400,
+    ErrorType.CONTEXT_LENGTH: 400,
+    ErrorType.OVERLOADED: 429,
+    ErrorType.NO_WORKER: 503,
+    ErrorType.WORKER_LOST: 503,
+    ErrorType.BROKER_LOST: 503,
+    ErrorType.INTERNAL: 500,
+}
+
+
+# --- messages ------------------------------------------------------------------
+
+_REGISTRY: dict[str, type["Message"]] = {}
+
+
+@dataclass
+class Message:
+    """Base of every message: a `kind` tag and msgpack-friendly fields."""
+
+    kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _REGISTRY[cls.kind] = cls
+
+    def header(self) -> dict[str, Any]:
+        h = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        h["v"] = PROTOCOL_VERSION
+        h["kind"] = self.kind
+        return h
+
+
+@dataclass
+class ArraySpec:
+    """Describes one raw buffer part: which layer, its shape and dtype name."""
+
+    layer: int
+    shape: list[int]
+    dtype: str  # "float16" | "bfloat16" | "float32"; bfloat16 travels as its raw 2-byte words
+    keys: list[int]  # every layer index the client asked for that names this array (-2 and N are one)
+
+
+# Requests (API -> broker -> worker) -------------------------------------------
+
+@dataclass
+class Generate(Message):
+    kind: ClassVar[str] = "generate"
+    rid: str
+    model: str
+    # Exactly one of `messages` (chat template applied by the worker) or `prompt`.
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int | None = None
+    # Layers to capture; [] captures nothing. -1 is the final (post-norm) state.
+    layers: list[int] = field(default_factory=list)
+    all_layers: bool = False  # every layer 0..N plus -1 (the worker knows N)
+    device: str | None = None
+
+
+@dataclass
+class Load(Message):
+    kind: ClassVar[str] = "load"
+    rid: str
+    model: str
+    dtype: str = "auto"
+    device: str | None = None
+
+
+@dataclass
+class Unload(Message):
+    kind: ClassVar[str] = "unload"
+    rid: str
+    model: str
+
+
+@dataclass
+class Cancel(Message):
+    kind: ClassVar[str] = "cancel"
+    rid: str
+
+
+@dataclass
+class StatusRequest(Message):
+    """API -> broker: the worker table, for /health and /models."""
+
+    kind: ClassVar[str] = "status"
+    rid: str
+
+
+# Replies (worker -> broker -> API) ---------------------------------------------
+
+@dataclass
+class Token(Message):
+    kind: ClassVar[str] = "token"
+    rid: str
+    text: str
+    index: int  # 0-based position of this token in the completion
+    t_emit: float = 0.0  # worker's time.time() at emit, for relay-latency measurement
+
+
+@dataclass
+class Final(Message):
+    kind: ClassVar[str] = "final"
+    rid: str
+    stop_reason: str  # "end_turn" | "max_tokens"
+    prompt_tokens: int
+    completion_tokens: int
+    generate_s: float  # prefill to last token, measured in the worker
+    model: str
+    dtype: str
+    arrays: list[dict[str, Any]] = field(default_factory=list)  # ArraySpec as dicts
+
+
+@dataclass
+class Error(Message):
+    kind: ClassVar[str] = "error"
+    rid: str
+    type: str
+    message: str
+    retry_after: float | None = None
+
+
+@dataclass
+class Loaded(Message):
+    kind: ClassVar[str] = "loaded"
+    rid: str
+    info: dict[str, Any]  # model_id, device, dtype, hidden_size, num_layers, load_time_seconds, loader_type
+
+
+@dataclass
+class Unloaded(Message):
+    kind: ClassVar[str] = "unloaded"
+    rid: str
+    model: str
+
+
+@dataclass
+class Status(Message):
+    kind: ClassVar[str] = "status_reply"
+    rid: str
+    broker_id: str
+    workers: list[dict[str, Any]]
+
+
+# Liveness -----------------------------------------------------------------------
+
+@dataclass
+class Register(Message):
+    """Worker -> broker on connect (and again whenever the broker asks)."""
+
+    kind: ClassVar[str] = "register"
+    worker_id: str
+    device: str
+    host: str
+    pid: int
+    capacity: int
+    models: list[dict[str, Any]]
+    active: int = 0
+
+
+@dataclass
+class Heartbeat(Message):
+    """Both ways. From a worker it carries its load; from the broker, its identity."""
+
+    kind: ClassVar[str] = "heartbeat"
+    sender: str
+    active: int = 0
+    models: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class Reregister(Message):
+    """Broker -> worker that it does not know (e.g. after a broker restart)."""
+
+    kind: ClassVar[str] = "reregister"
+    broker_id: str
+
+
+@dataclass
+class Ping(Message):
+    """API -> broker; the broker answers with Pong so the API notices a restart."""
+
+    kind: ClassVar[str] = "ping"
+    sender: str
+
+
+@dataclass
+class Pong(Message):
+    kind: ClassVar[str] = "pong"
+    broker_id: str
+
+
+# --- encoding -------------------------------------------------------------------
+
+def encode(msg: Message, buffers: list[Any] | tuple[Any, ...] = ()) -> list[Any]:
+    """Multipart frames for `msg`: the msgpack header, then raw buffers."""
+    return [msgpack.packb(msg.header(), use_bin_type=True), *buffers]
+
+
+def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
+    """Parse a multipart message into a typed message and its raw buffers.
+
+    Raises ProtocolError for anything malformed: callers drop and log it.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = frames[0]
+    raw_bytes = raw.bytes if hasattr(raw, "bytes") else raw
+    if len(raw_bytes) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw_bytes)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw_bytes, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable header: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
+    cls = _REGISTRY.get(header.get("kind"))  # type: ignore[arg-type]
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        msg = cls(**{k: v for k, v in header.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"bad {cls.kind} message: {exc}") from None
+    _check_types(msg)
+    buffers = list(frames[1:])
+    if isinstance(msg, Final):
+        _check_arrays(msg, buffers)
+    return msg, buffers
+
+
+_SIMPLE_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def _check_types(msg: Message) -> None:
+    """Reject fields whose type is plainly wrong, so no handler trips on them."""
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        annotation = str(f.type)
+        optional = "None" in annotation
+        if value is None:
+            if not optional and f.default is not None:
+                raise ProtocolError(f"{msg.kind}.{f.name} is required")
+            continue
+        base = annotation.split("|")[0].strip()
+        if base in _SIMPLE_TYPES and not isinstance(value, _SIMPLE_TYPES[base]):
+            raise ProtocolError(f"{msg.kind}.{f.name} must be {base}")
+        if base.startswith("list") and not isinstance(value, list):
+            raise ProtocolError(f"{msg.kind}.{f.name} must be a list")
+        if base.startswith("dict") and not isinstance(value, dict):
+            raise ProtocolError(f"{msg.kind}.{f.name} must be a map")
+
+
+_DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def _check_arrays(msg: Final, buffers: list[Any]) -> None:
+    if len(msg.arrays) != len(buffers):
+        raise ProtocolError(f"final has {len(msg.arrays)} array specs but {len(buffers)} buffers")
+    for spec, buf in zip(msg.arrays, buffers):
+        size = _DTYPE_SIZES.get(spec.get("dtype")) if isinstance(spec, dict) else None
+        if size is None:
+            raise ProtocolError(f"bad array spec {spec!r}")
+        n = 1
+        for d in spec.get("shape", []):
+            n *= int(d)
+        if n * size != len(buf) or n * size > MAX_ARRAY_BYTES:
+            raise ProtocolError(f"array of shape {spec.get('shape')} does not match {len(buf)} bytes")
+
+
+def now() -> float:
+    return time.time()

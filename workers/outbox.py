@@ -1,0 +1,46 @@
+"""Frames leaving the engine thread, handed to the socket thread.
+
+A deque plus a wake-up pipe: the socket thread polls the pipe's read end next
+to its ZeroMQ socket, so a token is on the wire microseconds after the engine
+produced it, and the engine never blocks on (or touches) a socket.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+from loom import protocol as P
+
+
+class Outbox:
+    def __init__(self) -> None:
+        self._frames: collections.deque[list[Any]] = collections.deque()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+
+    @property
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def put(self, msg: P.Message, buffers: list[Any]) -> None:
+        self._frames.append(P.encode(msg, buffers))
+        try:
+            os.write(self._write_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the reader will drain
+
+    def drain(self) -> list[list[Any]]:
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        frames = []
+        while self._frames:
+            frames.append(self._frames.popleft())
+        return frames
+
+    def clear(self) -> None:
+        self.drain()
