@@ -48,7 +48,8 @@ class Worker:
 
     def describe(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "device": self.device, "host": self.host, "pid": self.pid,
-                "capacity": self.capacity, "active_requests": self.load, "models": self.models,
+                "capacity": self.capacity, "active_requests": self.load, "generating": self.active,
+                "models": self.models,
                 "last_heartbeat_s": round(time.monotonic() - self.last_seen, 3)}
 
 

@@ -52,6 +52,12 @@ def make_llama(path: Path, hidden_size: int = 64, layers: int = 2, heads: int = 
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # Random weights would end a greedy answer at a random point; a zero
+        # logit for the special tokens (others spread around it) keeps greedy
+        # answers going until max_tokens, so tests can count on long streams.
+        model.lm_head.weight[: len(tokenizer.all_special_ids) + 2].zero_()
+        model.lm_head.weight[tokenizer.all_special_ids].zero_()
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     path.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,13 @@ def _map(cache: Any, fn) -> None:
         _set(obj, v, fn(_get(obj, v)))
 
 
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+def _pad_left(t: torch.Tensor, n: int, dim: int = -2) -> torch.Tensor:
+    """Zeros before `t` along `dim` (the sequence axis: -2 for K/V, 1 for the mask)."""
     if n == 0:
         return t
     shape = list(t.shape)
-    shape[-2] = n
-    return torch.cat([t.new_zeros(shape), t], dim=-2)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class BatchCache:
@@ -72,7 +73,7 @@ class BatchCache:
                 rows.append((obj, name, merged))
         for obj, name, merged in rows:
             _set(obj, name, merged)
-        self.mask = torch.cat([_pad_left(self.mask, grow), _pad_left(row_mask, row_pad)], dim=0)
+        self.mask = torch.cat([_pad_left(self.mask, grow, 1), _pad_left(row_mask, row_pad, 1)], dim=0)
 
     def next_mask(self) -> torch.Tensor:
         """The attention mask for a decode step (history plus the new column)."""
