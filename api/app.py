@@ -177,7 +177,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         msg = generate_msg(fields, model, want, **extra)
         source = frames(client, msg)
         if fields.stream:
-            return StreamingResponse(_sse(source, want, started), media_type="text/event-stream", headers=SSE_HEADERS)
+            # Admission is decided before the first token: an overloaded
+            # server answers 429 with Retry-After even to a streaming request.
+            first = await anext(source, None)
+            if first is not None and isinstance(first[0], P.Error) and first[0].type == P.ErrorType.OVERLOADED:
+                await source.aclose()  # type: ignore[attr-defined]
+                return error_response(BrokerError.from_msg(first[0]))
+            return StreamingResponse(_sse(_prepend(first, source), want, started), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
         completion = Completion(model=model, started=started)
         async for reply, buffers in source:
             if isinstance(reply, P.Token):
@@ -238,6 +245,16 @@ async def _sse(source: AsyncIterator[tuple[P.Message, list[Any]]], want: Want, s
         yield error_event(P.Error(rid="", type=P.ErrorType.INTERNAL, message="the request ended without an answer"))
     finally:
         await source.aclose()  # type: ignore[attr-defined]
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def _sse_once(event: bytes) -> StreamingResponse:
