@@ -44,7 +44,8 @@ class Engine:
         self.capacity = capacity
         self.trust_remote_code = trust_remote_code
         self.inbox: "queue.Queue[Any]" = queue.Queue()
-        self.runners: dict[str, ModelRunner] = {}
+        self.runners: dict[str, ModelRunner] = {}  # by model id
+        self._aliases: dict[str, str] = {}  # other names a model was loaded by (its path) -> model id
         self._loading: dict[str, list[str]] = {}  # model -> rids waiting for it
         self._rid_model: dict[str, str] = {}
         self._stop = threading.Event()
@@ -103,12 +104,15 @@ class Engine:
             model = runner.loaded.model_id
             self._rid_model = {r: m for r, m in self._rid_model.items() if m != model or r in live}
 
+    def _runner(self, name: str) -> ModelRunner | None:
+        return self.runners.get(self._aliases.get(name, name))
+
     def _handle(self, item: Any) -> None:
         if isinstance(item, P.Generate):
             self._generate(item)
         elif isinstance(item, P.Cancel):
             model = self._rid_model.pop(item.rid, None)
-            runner = self.runners.get(model) if model else None
+            runner = self._runner(model) if model else None
             if runner is not None and runner.cancel(item.rid):
                 log.info("cancelled %s", item.rid)
         elif isinstance(item, P.Load):
@@ -126,7 +130,7 @@ class Engine:
         self.outbox.put(msg, buffers or [])
 
     def _generate(self, req: P.Generate) -> None:
-        runner = self.runners.get(req.model)
+        runner = self._runner(req.model)
         if runner is None:
             self._send(P.Error(rid=req.rid, type=P.ErrorType.MODEL_NOT_LOADED,
                                message=f"model {req.model!r} is not loaded on this worker"))
@@ -147,9 +151,10 @@ class Engine:
 
     def _start_load(self, req: P.Load, allow_any_path: bool) -> None:
         model = req.model
-        if model in self.runners:
+        runner = self._runner(model)
+        if runner is not None:
             if req.rid:
-                self._send(P.Loaded(rid=req.rid, info=self.runners[model].loaded.info()))
+                self._send(P.Loaded(rid=req.rid, info=runner.loaded.info()))
             return
         waiting = self._loading.get(model)
         if waiting is not None:
@@ -178,7 +183,7 @@ class Engine:
             lm = done.loaded
             self.runners[lm.model_id] = ModelRunner(lm, self._send)
             if lm.model_id != done.model:
-                self.runners.setdefault(done.model, self.runners[lm.model_id])
+                self._aliases[done.model] = lm.model_id
             log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers)", lm.model_id, lm.source,
                      self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers)
             self._refresh_infos()
@@ -193,12 +198,14 @@ class Engine:
                     self._send(P.Error(rid=rid, type=done.error.error_type, message=str(done.error)))
 
     def _unload(self, req: P.Unload) -> None:
-        runner = self.runners.get(req.model)
+        runner = self._runner(req.model)
         if runner is None:
             self._send(P.Error(rid=req.rid, type=P.ErrorType.MODEL_NOT_LOADED, message=f"model {req.model!r} is not loaded"))
             return
         runner.fail_all(P.ErrorType.MODEL_NOT_LOADED, f"model {req.model!r} was unloaded")
-        self.runners = {k: r for k, r in self.runners.items() if r is not runner}
+        model_id = runner.loaded.model_id
+        del self.runners[model_id]
+        self._aliases = {k: v for k, v in self._aliases.items() if v != model_id}
         del runner
         _free_memory(self.device)
         log.info("unloaded %s from %s", req.model, self.device)
@@ -206,10 +213,7 @@ class Engine:
         self._send(P.Unloaded(rid=req.rid, model=req.model))
 
     def _refresh_infos(self) -> None:
-        seen: dict[int, dict[str, Any]] = {}
-        for runner in self.runners.values():
-            seen[id(runner)] = runner.loaded.info()
-        self.model_infos = list(seen.values())
+        self.model_infos = [runner.loaded.info() for runner in self.runners.values()]
 
 
 def _model_id(requested: str, source: str, from_operator: bool) -> str:
