@@ -85,10 +85,17 @@ class Message:
             _REGISTRY[cls.kind] = cls
 
     def header(self) -> dict[str, Any]:
-        h = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        # Called once per token: the field names are looked up once per class.
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        h = {name: getattr(self, name) for name in names}
         h["v"] = PROTOCOL_VERSION
         h["kind"] = self.kind
         return h
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 @dataclass

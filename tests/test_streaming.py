@@ -17,12 +17,24 @@ class TestStreamingChatCompletionsIntegration:
         body = {"model": TOY, "messages": user("Count from 1 to 5."), "max_tokens": 60, "temperature": 0}
         with stack.client() as client:
             stream_chat(client, body)  # warm the model up
-            started = time.perf_counter()
-            with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
-                assert r.status_code == 200
-                assert r.headers["cache-control"] == "no-cache"
-                assert r.headers["x-accel-buffering"] == "no"
-                events = list(sse_events(r))
+            # A busy machine can stall a process for the few milliseconds this
+            # stream lasts; a server that buffers fails every attempt.
+            problems = []
+            for _ in range(3):
+                problem = self._spread_problem(client, body)
+                if problem is None:
+                    return
+                problems.append(problem)
+        raise AssertionError(f"tokens did not arrive incrementally: {problems}")
+
+    @staticmethod
+    def _spread_problem(client, body) -> str | None:
+        started = time.perf_counter()
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            assert r.headers["cache-control"] == "no-cache"
+            assert r.headers["x-accel-buffering"] == "no"
+            events = list(sse_events(r))
         deltas = [e for e in events if e.name == "content_block_delta"]
         final = events[-1]
         assert final.name == "message_delta"
@@ -33,11 +45,15 @@ class TestStreamingChatCompletionsIntegration:
         # burst at the end: from the first delta to the final event the client
         # waits about as long as the worker spent generating (its own clock).
         generate_s = final.data["usage"]["completion_tokens"] / final.data["metadata"]["tokens_per_second"]
-        assert final.at - deltas[0].at >= 0.5 * generate_s, (final.at - deltas[0].at, generate_s)
-        assert deltas[-1].at - deltas[0].at >= 0.5 * (final.at - deltas[0].at)
-        arrivals = {round(e.at, 4) for e in deltas}
-        assert len(arrivals) >= len(deltas) // 4, "tokens arrived in bursts"
-        assert deltas[0].at - started < 0.5 * (final.at - started), "the first token came late"
+        if final.at - deltas[0].at < 0.5 * generate_s:
+            return f"events spanned {final.at - deltas[0].at:.4f}s of a {generate_s:.4f}s generation"
+        if deltas[-1].at - deltas[0].at < 0.5 * (final.at - deltas[0].at):
+            return "the deltas came in one burst before the final event"
+        if len({round(e.at, 4) for e in deltas}) < len(deltas) // 4:
+            return "tokens arrived in bursts"
+        if deltas[0].at - started > 0.5 * (final.at - started):
+            return "the first token came late"
+        return None
 
     def test_streaming_with_hidden_states(self, stack):
         with stack.client() as client:

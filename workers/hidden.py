@@ -49,13 +49,24 @@ class HiddenCapture:
         self.num_layers = num_layers
         self.wanted: set[int] = set()
         self.captured: dict[int, torch.Tensor] = {}
-        layers = _decoder_layers(model, num_layers)
-        model.get_input_embeddings().register_forward_hook(self._output_hook(0))
-        for i, layer in enumerate(layers):
-            layer.register_forward_hook(self._output_hook(i + 1))
+        self.model = model
+        self.layers = _decoder_layers(model, num_layers)
+        self._handles: list[Any] = []
+
+    def _attach(self) -> None:
+        model = self.model
+        self._handles.append(model.get_input_embeddings().register_forward_hook(self._output_hook(0)))
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_hook(self._output_hook(i + 1)))
         # The final state is whatever enters the LM head: correct for any
         # architecture's final norm, and already sliced to the kept positions.
-        model.get_output_embeddings().register_forward_pre_hook(self._input_hook(num_layers + 1))
+        self._handles.append(model.get_output_embeddings().register_forward_pre_hook(
+            self._input_hook(self.num_layers + 1)))
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _output_hook(self, slot: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -71,6 +82,12 @@ class HiddenCapture:
         return hook
 
     def begin(self, slots: set[int]) -> None:
+        # Hooks stay attached only while some running request wants states,
+        # so a batch that asks for none pays nothing per layer.
+        if slots and not self._handles:
+            self._attach()
+        elif not slots and self._handles:
+            self._detach()
         self.wanted = slots
         self.captured = {}
 

@@ -53,6 +53,7 @@ class BatchCache:
     def __init__(self) -> None:
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [rows, columns] of 1 (real) / 0 (padding)
+        self._padded = False
 
     @property
     def width(self) -> int:
@@ -62,7 +63,7 @@ class BatchCache:
         """Add one prefilled sequence (its own single-row cache) as the last row."""
         row_mask = torch.ones((1, length), dtype=torch.long, device=device)
         if self.cache is None:
-            self.cache, self.mask = row_cache, row_mask
+            self.cache, self.mask, self._padded = row_cache, row_mask, False
             return
         width = max(self.width, length)
         grow, row_pad = width - self.width, width - length
@@ -74,6 +75,12 @@ class BatchCache:
         for obj, name, merged in rows:
             _set(obj, name, merged)
         self.mask = torch.cat([_pad_left(self.mask, grow, 1), _pad_left(row_mask, row_pad, 1)], dim=0)
+        self._padded = self._padded or grow > 0 or row_pad > 0
+
+    @property
+    def padded(self) -> bool:
+        """Whether any row has padding; without it the model needs no mask."""
+        return self._padded
 
     def next_mask(self) -> torch.Tensor:
         """The attention mask for a decode step (history plus the new column)."""
@@ -91,4 +98,5 @@ class BatchCache:
         # Columns that are padding in every remaining row can go.
         trim = int((mask.cumsum(dim=1) == 0).all(dim=0).sum())
         self.mask = mask[:, trim:]
+        self._padded = bool((self.mask == 0).any())
         _map(self.cache, lambda t: t.index_select(0, index)[..., trim:, :])

@@ -178,12 +178,16 @@ class ModelRunner:
         lm = self.loaded
         rows = self.rows
         input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=lm.device)
-        positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=lm.device)
         slots = set()
         for s in rows:
             slots.update(s.slots)
         mask = self.kv.next_mask()
-        logits = self._forward(input_ids, self.kv.cache, slots, attention_mask=mask, position_ids=positions)
+        if self.kv.padded:
+            positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=lm.device)
+            logits = self._forward(input_ids, self.kv.cache, slots, attention_mask=mask, position_ids=positions)
+        else:
+            # Rows all aligned: positions follow from the cache length, no mask needed.
+            logits = self._forward(input_ids, self.kv.cache, slots)
         if slots:
             self._store_hidden(rows, self._captured)
         tokens = choose_tokens(logits, [s.temperature for s in rows], [s.top_p for s in rows],
