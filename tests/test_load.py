@@ -107,3 +107,34 @@ def test_500_mixed_requests_with_a_worker_killed(crowded):
     assert outcomes["error"] >= 1  # the killed worker's requests ended with an error, not silence
     # The server is healthy again afterwards: the killed worker was restarted.
     wait_until(lambda: len([w for w in crowded.workers() if w["models"]]) == 2, 60, 0.3, "both workers back")
+
+
+def test_a_slow_reader_does_not_slow_other_streams(crowded):
+    import socket
+    import time
+
+    def timed_stream() -> float:
+        with httpx.Client(base_url=crowded.url, timeout=60) as client:
+            started = time.perf_counter()
+            r = client.post(CHAT, json={"model": TOY, "messages": user("again"), "max_tokens": 300,
+                                        "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300
+            return time.perf_counter() - started
+
+    alone = min(timed_stream() for _ in range(2))
+    # A raw client that asks for a long stream and never reads its socket.
+    host, port = crowded.url.removeprefix("http://").split(":")
+    body = ('{"model": "%s", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4000, '
+            '"temperature": 0, "stream": true}' % TOY).encode()
+    slow = socket.create_connection((host, int(port)))
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        wait_until(lambda: sum(w["active_requests"] for w in crowded.workers()) >= 1, 10, 0.05, "the slow stream")
+        beside = min(timed_stream() for _ in range(2))
+    finally:
+        slow.close()
+    # Generous: the slow stream shares the CPU, but must not hold the others back.
+    assert beside < 4 * alone + 1, (alone, beside)
+    wait_until(lambda: sum(w["active_requests"] for w in crowded.workers()) == 0, 15, 0.1, "the slow stream to end")

@@ -19,7 +19,9 @@ def choose_tokens(logits: torch.Tensor, temperatures: Seq[float], top_ps: Seq[fl
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if not sampled:
         return chosen
-    rows = logits[sampled].float()
+    # Sampled rows go to the CPU, where each request's generator lives; it is
+    # one [rows, vocab] copy per step, and seeded results match across devices.
+    rows = logits[sampled].float().cpu()
     temps = torch.tensor([temperatures[i] for i in sampled], dtype=rows.dtype, device=rows.device)
     probs = torch.softmax(rows / temps[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
