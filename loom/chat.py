@@ -7,7 +7,6 @@ torch or the server, so this starts fast anywhere.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -16,17 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from loom.client import (
-    DEFAULT_URL,
-    HiddenState,
-    LoomClient,
-    LoomConnectionError,
-    LoomError,
-    LoomHTTPError,
-    LoomStreamError,
-    MessageDelta,
-    TextDelta,
-)
+from loom.client import DEFAULT_URL, HiddenState, LoomClient, LoomError, LoomHTTPError, MessageDelta, TextDelta
 
 DEFAULT_CONFIG = Path("~/.config/loom/chat.yaml")
 DEFAULT_MAX_TOKENS = 1024  # what Weaver sends; the server's own default (256) cuts answers short
@@ -200,9 +189,8 @@ def describe_hidden(state: HiddenState, label: str) -> str:
     layer = state.layer if state.layer is not None else label
     preview = ", ".join(f"{v:.4f}" for v in values[:HIDDEN_PREVIEW])
     more = ", ..." if len(values) > HIDDEN_PREVIEW else ""
-    norm = math.sqrt(math.fsum(v * v for v in values))
     dtype = f" {state.dtype}" if state.dtype else ""
-    return f"hidden state, layer {layer}: shape {list(state.shape)}{dtype} · L2 norm {norm:.4f} · [{preview}{more}]"
+    return f"hidden state, layer {layer}: shape {list(state.shape)}{dtype} · L2 norm {state.l2_norm():.4f} · [{preview}{more}]"
 
 
 def hidden_lines(final: MessageDelta) -> list[str]:
@@ -216,19 +204,17 @@ def hidden_lines(final: MessageDelta) -> list[str]:
 
 def explain(exc: LoomError, url: str, model: str) -> str:
     """One or two lines a person can act on."""
-    if isinstance(exc, LoomConnectionError):
-        return f"error: {exc}"
+    text = f"error: {exc}"
     if isinstance(exc, LoomHTTPError):
-        text = f"error: {exc}"
-        if exc.status_code == 404 and "model" in f"{exc.error_type} {exc.message}".lower():
+        if exc.status_code == 404 and (exc.error_type == "model_not_loaded" or "not loaded" in exc.message.lower()):
             name = model or "the default model"
-            text += f"\n  {name} is not loaded on {url}; load it with /load NAME or `curl -X POST {url}/models/load -H 'Content-Type: application/json' -d '{{\"model\": \"NAME\"}}'`"
+            text += (
+                f"\n  {name} is not loaded on {url}; load it with /load NAME, or with "
+                f"`curl -X POST {url}/models/load -H 'Content-Type: application/json' -d '{{\"model\": \"NAME\"}}'`"
+            )
         elif exc.status_code == 401:
             text += "\n  pass the server's key with --api-key or $LOOM_API_KEY"
-        return text
-    if isinstance(exc, LoomStreamError):
-        return f"error during the answer: {exc}"
-    return f"error: {exc}"
+    return text
 
 
 # --- one conversation --------------------------------------------------------
@@ -468,7 +454,7 @@ def _load(chat: Chat, name: str, say: Callable[[str], None]) -> None:
         say("stopped waiting (the server may still finish loading it)")
         return
     except LoomError as exc:
-        chat.err.write(explain(exc, chat.settings.url, name) + "\n")
+        chat.err.write(f"error: {exc}\n")
         return
     chat.settings.model = result.model_id
     seconds = f" in {result.load_time_seconds:.1f} s" if result.load_time_seconds is not None else ""

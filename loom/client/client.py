@@ -53,14 +53,14 @@ def _generation_fields(
 ) -> dict[str, Any]:
     # Fields left as None are left out so that the server's defaults apply;
     # return_hidden_states is left out when false, as Weaver does.
+    if isinstance(hidden_state_layers, Sequence) and not isinstance(hidden_state_layers, str):
+        hidden_state_layers = list(hidden_state_layers)  # a tuple or range must travel as a JSON list
     body: dict[str, Any] = {"model": model}
     optional = {
         "max_tokens": max_tokens,
         "temperature": temperature,
         "top_p": top_p,
-        "hidden_state_layers": list(hidden_state_layers)
-        if isinstance(hidden_state_layers, Sequence) and not isinstance(hidden_state_layers, str)
-        else hidden_state_layers,
+        "hidden_state_layers": hidden_state_layers,
         "device": device,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
