@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,13 +46,12 @@ class Engine:
         self.runners: dict[str, ModelRunner] = {}  # by model id
         self._aliases: dict[str, str] = {}  # other names a model was loaded by (its path) -> model id
         self._loading: dict[str, list[str]] = {}  # model -> rids waiting for it
-        self._rid_model: dict[str, str] = {}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
-
-    # Read by the socket thread for heartbeats; plain attribute reads are atomic.
-    active = 0
-    model_infos: list[dict[str, Any]] = []
+        # Read by the socket thread for heartbeats; each is replaced whole,
+        # never mutated, so a read needs no lock.
+        self.active = 0
+        self.model_infos: list[dict[str, Any]] = []
 
     def start(self) -> None:
         self.thread.start()
@@ -82,7 +80,6 @@ class Engine:
                     except Exception as exc:  # a model bug must not kill the worker
                         log.exception("step failed for %s", runner.loaded.model_id)
                         runner.fail_all(P.ErrorType.INTERNAL, f"generation failed: {exc}")
-                    self._forget_finished(runner)
             self.active = sum(r.active for r in self.runners.values())
 
     def _drain(self, block: bool) -> None:
@@ -98,12 +95,6 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _forget_finished(self, runner: ModelRunner) -> None:
-        if len(self._rid_model) > runner.active + 64:  # prune lazily, not every step
-            live = {s.rid for s in runner.rows} | {s.rid for s in runner.pending}
-            model = runner.loaded.model_id
-            self._rid_model = {r: m for r, m in self._rid_model.items() if m != model or r in live}
-
     def _runner(self, name: str) -> ModelRunner | None:
         return self.runners.get(self._aliases.get(name, name))
 
@@ -111,9 +102,7 @@ class Engine:
         if isinstance(item, P.Generate):
             self._generate(item)
         elif isinstance(item, P.Cancel):
-            model = self._rid_model.pop(item.rid, None)
-            runner = self._runner(model) if model else None
-            if runner is not None and runner.cancel(item.rid):
+            if any(runner.cancel(item.rid) for runner in self.runners.values()):
                 log.info("cancelled %s", item.rid)
         elif isinstance(item, P.Load):
             self._start_load(item, allow_any_path=False)
@@ -124,7 +113,6 @@ class Engine:
         elif isinstance(item, _Reset):
             for runner in self.runners.values():
                 runner.fail_all(P.ErrorType.BROKER_LOST, "the broker restarted")
-            self._rid_model.clear()
 
     def _send(self, msg: P.Message, buffers: list[Any] | None = None) -> None:
         self.outbox.put(msg, buffers or [])
@@ -144,7 +132,6 @@ class Engine:
         except RequestError as exc:
             self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
             return
-        self._rid_model[req.rid] = req.model
         self.active += 1
 
     # --- loading ----------------------------------------------------------------
@@ -231,4 +218,3 @@ def _free_memory(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
-    time.sleep(0)
