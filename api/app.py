@@ -5,6 +5,7 @@ Run it with `loom api`, or as a uvicorn factory:
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -185,15 +186,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 return error_response(BrokerError.from_msg(first[0]))
             return StreamingResponse(_sse(_prepend(first, source), want, started), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        completion = Completion(model=model, started=started)
-        async for reply, buffers in source:
-            if isinstance(reply, P.Token):
-                completion.add(reply)
-            elif isinstance(reply, P.Error):
-                return error_response(BrokerError.from_msg(reply))
-            elif isinstance(reply, P.Final):
-                return ORJSONResponse(_answer(completion, reply, buffers, want, time.perf_counter() - started))
-        return error_response(BrokerError(P.ErrorType.INTERNAL, "the request ended without an answer"))
+        # A client that hangs up before the answer is complete cancels the
+        # work too, as a streaming one does.
+        answer = asyncio.ensure_future(_collect(source, Completion(model=model, started=started), want))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not answer.done():
+                answer.cancel()
+                await asyncio.gather(answer, return_exceptions=True)
+        if answer.cancelled():
+            return Response(status_code=499)  # nobody is listening; the request was cancelled
+        return answer.result()
 
     @app.post("/v1/chat/completions", dependencies=auth, summary="Chat, streaming (SSE) or not")
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -245,6 +251,27 @@ async def _sse(source: AsyncIterator[tuple[P.Message, list[Any]]], want: Want, s
         yield error_event(P.Error(rid="", type=P.ErrorType.INTERNAL, message="the request ended without an answer"))
     finally:
         await source.aclose()  # type: ignore[attr-defined]
+
+
+async def _collect(source: AsyncIterator[tuple[P.Message, list[Any]]], completion: Completion,
+                   want: Want) -> Response:
+    try:
+        async for reply, buffers in source:
+            if isinstance(reply, P.Token):
+                completion.add(reply)
+            elif isinstance(reply, P.Error):
+                return error_response(BrokerError.from_msg(reply))
+            elif isinstance(reply, P.Final):
+                latency = time.perf_counter() - completion.started
+                return ORJSONResponse(_answer(completion, reply, buffers, want, latency))
+        return error_response(BrokerError(P.ErrorType.INTERNAL, "the request ended without an answer"))
+    finally:
+        await source.aclose()  # type: ignore[attr-defined]
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -187,3 +187,18 @@ def test_disconnect_stops_generation(stack):
         wait_until(lambda: generating() == 0, 5, 0.05, "the worker to stop generating")
         assert time.perf_counter() - stopped_at < 5
     assert "cancelled" in stack.log()
+
+
+def test_non_streaming_client_that_hangs_up_cancels_too(stack):
+    def generating() -> int:
+        return sum(w["generating"] for w in stack.workers())
+
+    wait_until(lambda: generating() == 0, 10, 0.05, "an idle worker")
+    body = {"model": TOY, "messages": user("Go on forever."), "max_tokens": 6000, "temperature": 0}
+    with httpx.Client(base_url=stack.url, timeout=httpx.Timeout(1.5, connect=5)) as client:
+        try:
+            client.post("/v1/chat/completions", json=body)
+            raise AssertionError("6000 tokens should take longer than the client waits")
+        except httpx.ReadTimeout:
+            pass  # the client gives up and closes its connection
+    wait_until(lambda: generating() == 0, 5, 0.05, "the worker to stop generating")
