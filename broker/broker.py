@@ -53,6 +53,11 @@ class Worker:
                 "last_heartbeat_s": round(time.monotonic() - self.last_seen, 3)}
 
 
+def _valid_models(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A worker's model entries that name a model: anything else would trip routing and the API."""
+    return [m for m in models if isinstance(m.get("model_id"), str)]
+
+
 @dataclass
 class Route:
     api: bytes
@@ -124,8 +129,9 @@ class Broker:
         elif isinstance(msg, P.Unload):
             self._route_unload(api, msg)
         elif isinstance(msg, P.Cancel):
-            route = self.routes.pop(msg.rid, None)
-            if route is not None and route.api == api:
+            route = self.routes.get(msg.rid)
+            if route is not None and route.api == api:  # only the API that asked may cancel
+                del self.routes[msg.rid]
                 worker = self.workers.get(route.worker)
                 if worker is not None:
                     worker.routes.discard(msg.rid)
@@ -219,14 +225,14 @@ class Broker:
         if isinstance(msg, P.Heartbeat):
             worker.active = msg.active
             if msg.models is not None:
-                worker.models = msg.models
+                worker.models = _valid_models(msg.models)
             return
         rid = getattr(msg, "rid", None)
         route = self.routes.get(rid) if rid is not None else None
         if route is None or (route.worker != identity and route.worker != b"*"):
             return  # a request that was cancelled, failed over, or never ours
         if isinstance(msg, P.Loaded) and not worker.has_model(msg.info.get("model_id", "")):
-            worker.models = [*worker.models, msg.info]
+            worker.models = [*worker.models, *_valid_models([msg.info])]
         if isinstance(msg, P.Unloaded):
             worker.models = [m for m in worker.models if m.get("model_id") != msg.model]
         if isinstance(msg, TERMINAL):
@@ -247,9 +253,9 @@ class Broker:
         if old is not None:
             self._forget(old, "the worker restarted its session")
         self.workers[identity] = Worker(identity=identity, worker_id=msg.worker_id, device=msg.device, host=msg.host,
-                                        pid=msg.pid, capacity=max(1, msg.capacity), models=msg.models,
+                                        pid=msg.pid, capacity=max(1, msg.capacity), models=_valid_models(msg.models),
                                         active=msg.active)
-        names = ", ".join(m.get("model_id", "?") for m in msg.models) or "no models yet"
+        names = ", ".join(m["model_id"] for m in self.workers[identity].models) or "no models yet"
         log.info("worker %s joined: %s on %s, capacity %d (%s)", msg.worker_id, msg.device, msg.host,
                  msg.capacity, names)
 

@@ -287,7 +287,8 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
         raise ProtocolError("header is not a map")
     if header.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r}, expected {PROTOCOL_VERSION}")
-    cls = _REGISTRY.get(header.get("kind"))  # type: ignore[arg-type]
+    kind = header.get("kind")
+    cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -320,6 +321,11 @@ def _check_types(msg: Message) -> None:
             raise ProtocolError(f"{msg.kind}.{f.name} must be {base}")
         if base.startswith("list") and not isinstance(value, list):
             raise ProtocolError(f"{msg.kind}.{f.name} must be a list")
+        # Elements too: a handler indexing a model entry or comparing a layer must not trip.
+        if base.startswith("list[int]") and not all(isinstance(v, int) for v in value):
+            raise ProtocolError(f"{msg.kind}.{f.name} must be a list of ints")
+        if base.startswith("list[dict") and not all(isinstance(v, dict) for v in value):
+            raise ProtocolError(f"{msg.kind}.{f.name} must be a list of maps")
         if base.startswith("dict") and not isinstance(value, dict):
             raise ProtocolError(f"{msg.kind}.{f.name} must be a map")
 
@@ -332,11 +338,12 @@ def _check_arrays(msg: Final, buffers: list[Any]) -> None:
         raise ProtocolError(f"final has {len(msg.arrays)} array specs but {len(buffers)} buffers")
     for spec, buf in zip(msg.arrays, buffers):
         size = _DTYPE_SIZES.get(spec.get("dtype")) if isinstance(spec, dict) else None
-        if size is None:
-            raise ProtocolError(f"bad array spec {spec!r}")
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if size is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ProtocolError(f"bad array spec {spec!r}"[:200])
         n = 1
-        for d in spec.get("shape", []):
-            n *= int(d)
+        for d in shape:
+            n *= d
         if n * size != len(buf) or n * size > MAX_ARRAY_BYTES:
             raise ProtocolError(f"array of shape {spec.get('shape')} does not match {len(buf)} bytes")
 
