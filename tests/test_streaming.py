@@ -184,9 +184,8 @@ def test_disconnect_stops_generation(stack):
             wait_until(lambda: generating() >= 1, 5, 0.05, "the worker to report the stream")
         # The client hung up after 5 tokens: the worker must stop soon, not after 6000 tokens.
         stopped_at = time.perf_counter()
-        # 6000 tokens take several seconds; heartbeats report within 0.5 s.
-    wait_until(lambda: generating() == 0, 2, 0.05, "the worker to stop generating")
-        assert time.perf_counter() - stopped_at < 5
+        wait_until(lambda: generating() == 0, 2, 0.05, "the worker to stop generating")
+        assert time.perf_counter() - stopped_at < 2
     assert "cancelled" in stack.log()
 
 
