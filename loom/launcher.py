@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", action="append", default=[],
                         help="directory whose models can be loaded by name over HTTP (repeatable)")
     parser.add_argument("--capacity", type=int, default=None, help="most concurrent requests per worker (default 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per CPU worker (default: the cores less one for the API and broker, "
+                             "shared among the CPU workers)")
     parser.add_argument("--broker-frontend", default=None, help="broker address for the API (default: a free loopback port)")
     parser.add_argument("--broker-backend", default=None,
                         help="broker address for workers (default: a free loopback port); "
@@ -109,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
     curve = ["--curve-keys", args.curve_keys] if args.curve_keys else []
     children = [Child("broker", [*py, "broker", "--frontend", frontend, "--backend", backend, *curve, *common], True)]
     cpu_workers = sum(1 for d in devices if d == "cpu")
-    threads = max(1, (os.cpu_count() or 1) // max(1, cpu_workers))
+    # Leave a core to the API and broker: a worker whose threads take every
+    # core makes them wait, and with them every stream's relay.
+    threads = args.threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, cpu_workers))
     for i, device in enumerate(devices):
         argv = [*py, "worker", "--broker", backend, "--device", device, "--dtype", args.dtype, *curve, *common]
         for m in models:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+# Imported here, once, not in the loader threads: two threads importing
+# transformers at the same time can see a half-initialised module.
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 log = logging.getLogger("loom.worker")
 
@@ -123,8 +126,6 @@ def _from_pretrained(cls: Any, source: str, local_only: bool, **kwargs: Any) -> 
 
 
 def load_model(model_id: str, source: str, dtype: str, device: str, trust_remote_code: bool = False) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if dtype not in ("auto", *DTYPES):
         raise ModelLoadError("invalid_request_error", f"dtype must be auto, float16, bfloat16 or float32, not {dtype!r}")
     is_local = Path(source).is_dir()
