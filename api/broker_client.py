@@ -127,11 +127,15 @@ class BrokerClient:
     # --- requests -------------------------------------------------------------------
 
     def _send(self, msg: P.Message) -> None:
-        try:
-            self.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
+        # A zmq.asyncio socket does not raise EAGAIN here: it returns a future
+        # that holds it, and a request nobody could send would wait forever.
+        sent = self.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
+        error = sent.exception() if sent.done() else None
+        if isinstance(error, zmq.Again):
             raise BrokerError(P.ErrorType.BROKER_LOST,
-                              f"the broker at {self.address} is not reachable; is `loom broker` running?") from None
+                              f"the broker at {self.address} is not reachable; is `loom broker` running?")
+        if error is not None:
+            raise error
 
     def cancel(self, rid: str) -> None:
         try:

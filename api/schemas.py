@@ -8,6 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 LayerSpec = Union[Literal["all"], int, list[int]]
 
 
+def _empty_device_is_none(v: str | None) -> str | None:
+    """An empty device means no preference, like an empty model ("" would match no worker)."""
+    return (v.strip() or None) if isinstance(v, str) else v
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
@@ -37,9 +42,15 @@ class GenerationFields(BaseModel):
                 raise ValueError("give at least one layer, or leave hidden_state_layers out")
             if len(v) > 1024:
                 raise ValueError("at most 1024 layers")
-        if isinstance(v, int) and abs(v) > 100_000:
+        # Each index too: one past 64 bits cannot even be sent to a worker (it was a 500).
+        if any(abs(i) > 100_000 for i in (v if isinstance(v, list) else [v] if isinstance(v, int) else [])):
             raise ValueError("layer index out of range")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return _empty_device_is_none(v)
 
 
 class ChatRequest(GenerationFields):
@@ -57,3 +68,8 @@ class LoadRequest(BaseModel):
     model: str = Field(..., min_length=1, max_length=512)
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     device: str | None = Field(None, max_length=64)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        return _empty_device_is_none(v)

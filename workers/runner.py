@@ -134,7 +134,13 @@ class ModelRunner:
         if self.rows:
             self._decode()
         while self.pending:
-            self._prefill(self.pending.pop(0))
+            seq = self.pending.pop(0)
+            try:
+                self._prefill(seq)
+            except Exception:
+                if seq not in self.rows:
+                    self.pending.insert(0, seq)  # so that fail_all answers it too, instead of a hang
+                raise
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.rows):

@@ -22,7 +22,11 @@ def choose_tokens(logits: torch.Tensor, temperatures: Seq[float], top_ps: Seq[fl
     # Sampled rows go to the CPU, where each request's generator lives; it is
     # one [rows, vocab] copy per step, and seeded results match across devices.
     rows = logits[sampled].float().cpu()
+    # Shift each row's maximum to 0 (softmax does not change) so that a tiny
+    # temperature sends the others to -inf, never the maximum to inf (nan).
+    rows = rows - rows.max(dim=-1, keepdim=True).values
     temps = torch.tensor([temperatures[i] for i in sampled], dtype=rows.dtype, device=rows.device)
+    temps = temps.clamp_min(torch.finfo(rows.dtype).tiny)  # 1e-45 is 0 in float32
     probs = torch.softmax(rows / temps[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     tops = torch.tensor([top_ps[i] for i in sampled], dtype=rows.dtype, device=rows.device)
