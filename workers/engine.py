@@ -89,11 +89,21 @@ class Engine:
             return
         while True:
             if item is not None:
-                self._handle(item)
+                self._handle_safely(item)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _handle_safely(self, item: Any) -> None:
+        # The engine thread is the worker: no single request may end it.
+        try:
+            self._handle(item)
+        except Exception as exc:
+            log.exception("could not handle a %s message", getattr(item, "kind", type(item).__name__))
+            rid = getattr(item, "rid", None)
+            if rid:
+                self._send(P.Error(rid=rid, type=P.ErrorType.INTERNAL, message=f"the worker failed on this request: {exc}"))
 
     def _runner(self, name: str) -> ModelRunner | None:
         return self.runners.get(self._aliases.get(name, name))
