@@ -82,11 +82,15 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
     raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
 
 
-def start_stack(tmp: Path, model: str, model_dirs: list[Path] = (), extra: list[str] = (),
+def start_stack(tmp: Path, model: str | None, model_dirs: list[Path] = (), extra: list[str] = (),
                 env: dict[str, str] | None = None, ready_timeout: float = 90) -> Stack:
+    """Start `loom serve`; `model` None means its default (the bundled loom-tiny)."""
     port = free_port()
     log_path = tmp / f"serve-{port}.log"
-    args = [sys.executable, "-m", "loom", "serve", "--port", str(port), "--model", model, *extra]
+    args = [sys.executable, "-m", "loom", "serve", "--port", str(port), *extra]
+    if model is not None:
+        args += ["--model", model]
+    model = model or "loom-tiny"
     for d in model_dirs:
         args += ["--model-dir", str(d)]
     log_file = open(log_path, "wb")
