@@ -349,7 +349,7 @@ class HealthPoller:
 # --- the stack ----------------------------------------------------------------------------
 
 class Stack:
-    def __init__(self, models: list[str], log_dir: Path, workers: int = 1):
+    def __init__(self, models: list[str], log_dir: Path, workers: int = 1, threads: int | None = None):
         import psutil
 
         self.port = free_port()
@@ -360,6 +360,8 @@ class Stack:
         # One model preloaded; the others are loaded over HTTP after it (see wait_ready).
         argv = [sys.executable, "-m", "loom", "serve", "--port", str(self.port), "--broker-frontend", self.frontend,
                 "--workers", str(workers), "--model", models[0]]
+        if threads:
+            argv += ["--threads", str(threads)]  # the baseline's count, so both compute alike
         for d in sorted({str(Path(m).parent) for m in models}):
             argv += ["--model-dir", d]
         self.model_ids = [Path(m).name for m in models]
@@ -1023,13 +1025,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-big", action="store_true", help="skip the ~90M-parameter model (only the ~4M one)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="generated models and logs (default %(default)s)")
     p.add_argument("--reps", type=int, default=None, help="repetitions of the single-stream runs (default 5, quick 2)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes for `loom serve` (default 1). `loom serve` gives each CPU worker "
-                        "cpu_count // workers torch threads; --workers 2 on 2 cores means 1 thread each, "
-                        "which avoids OpenMP's collapse when other processes load the machine (see README)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for `loom serve` (default 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the baseline (default: what `loom serve` gives each CPU worker, "
-                        "cpu_count // workers)")
+                   help="torch threads for each worker and for the baseline (default: loom serve's own rule, "
+                        "(cpu_count - 1) // workers, at least 1)")
     p.add_argument("--hidden-tokens", type=int, default=None, help="length of the hidden-state RSS stream (default 2000, quick 400)")
     # internal modes (this file re-runs itself for the baseline, model making and /health polling)
     p.add_argument("--_baseline", help=argparse.SUPPRESS)
@@ -1053,8 +1052,9 @@ def main(argv: list[str] | None = None) -> int:
 
     quick = args.quick
     reps = args.reps or (2 if quick else 5)
-    worker_threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))  # loom/launcher.py's rule
-    threads = args.threads or worker_threads
+    # loom/launcher.py's default: the cores less one for the API and broker, shared by the workers.
+    worker_threads = args.threads or max(1, ((os.cpu_count() or 1) - 1) // max(1, args.workers))
+    threads = worker_threads
     hidden_tokens = args.hidden_tokens or (400 if quick else 2000)
     names = [SMALL] if args.skip_big else [BIG, SMALL]
     t_begin = time.time()
@@ -1082,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
     results["stacks"] = {}
     for name in names:
         m = results["models"][name]
-        stack = Stack([infos[name]["path"]], args.cache_dir / "logs", workers=args.workers)
+        stack = Stack([infos[name]["path"]], args.cache_dir / "logs", workers=args.workers, threads=worker_threads)
         try:
             log(f"{name}: starting loom serve on {stack.url} (broker frontend {stack.frontend}); log {stack.log_path}")
             try:

@@ -1,9 +1,9 @@
 """Continuous batching for one loaded model.
 
-Each call to `step()` first prefills the requests that arrived since the last
-step (each on its own, so a prompt's numbers do not depend on its neighbours),
-merges them into the batch's KV cache, then runs one decode step for every
-running row. Finished and cancelled rows leave before the next step.
+Each call to `step()` runs one decode step for every running row, then
+prefills the requests that arrived since (together, left-padded, when
+several came at once) and merges them into the batch's KV cache. Finished and
+cancelled rows leave before the next step.
 """
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from workers.sequence import Sequence
 log = logging.getLogger("loom.worker")
 
 Emit = Callable[[P.Message, list[Any]], None]
+
+# Most prompts prefilled in one forward pass: new arrivals join together, but
+# a burst does not become one huge allocation.
+MAX_PREFILL_ROWS = 16
 
 
 class RequestError(Exception):
@@ -134,13 +138,27 @@ class ModelRunner:
         if self.rows:
             self._decode()
         while self.pending:
-            seq = self.pending.pop(0)
+            group = self._prefill_group()
             try:
-                self._prefill(seq)
+                self._prefill(group)
             except Exception:
-                if seq not in self.rows:
-                    self.pending.insert(0, seq)  # so that fail_all answers it too, instead of a hang
+                # Put back whatever did not join, so fail_all answers it too.
+                self.pending[:0] = [s for s in group if s not in self.rows]
                 raise
+
+    def _prefill_group(self) -> list[Sequence]:
+        """Pending requests to prefill together: similar lengths, a bounded batch."""
+        first = self.pending.pop(0)
+        group = [first]
+        for seq in list(self.pending):
+            if len(group) >= MAX_PREFILL_ROWS:
+                break
+            # Padding costs compute: group prompts within 2x of each other.
+            longest = max(len(first.prompt_ids), len(seq.prompt_ids))
+            if 2 * min(len(first.prompt_ids), len(seq.prompt_ids)) >= longest:
+                group.append(seq)
+                self.pending.remove(seq)
+        return group
 
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.rows):
@@ -163,22 +181,43 @@ class ModelRunner:
         self._captured = captured
         return out.logits[:, -1, :]
 
-    def _prefill(self, seq: Sequence) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Run the prompts (left-padded into one batch) and join them to the batch."""
         lm = self.loaded
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=lm.device)
+        length = max(len(s.prompt_ids) for s in seqs)
+        pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (length - len(s.prompt_ids)) + s.prompt_ids for s in seqs],
+                           dtype=torch.long, device=lm.device)
+        mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
+                            dtype=torch.long, device=lm.device)
+        slots = set().union(*(s.slots for s in seqs))
         cache = self._new_cache()
         try:
-            logits = self._forward(ids, cache, set(seq.slots))
-        except Exception as exc:  # e.g. out of memory: fail this request, keep serving
-            log.exception("prefill failed for %s", seq.rid)
-            self.emit(P.Error(rid=seq.rid, type=P.ErrorType.INTERNAL, message=f"prefill failed: {exc}"), [])
+            if len(seqs) == 1:  # no padding: exactly the computation of a request alone
+                logits = self._forward(ids, cache, slots)
+            else:
+                positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+                logits = self._forward(ids, cache, slots, attention_mask=mask, position_ids=positions)
+                _zero_padding(cache, mask)
+        except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
+            log.exception("prefill failed for %s", ", ".join(s.rid for s in seqs))
+            for seq in seqs:
+                self.emit(P.Error(rid=seq.rid, type=P.ErrorType.INTERNAL, message=f"prefill failed: {exc}"), [])
             return
-        self._store_hidden([seq], self._captured)
-        token = choose_tokens(logits, [seq.temperature], [seq.top_p], [seq.generator])[0]
-        if self._advance(seq, token):
+        if slots:
+            self._store_hidden(seqs, self._captured)
+        tokens = choose_tokens(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
+                               [s.generator for s in seqs])
+        keep = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if not self._advance(s, t)]
+        if not keep:
             return
-        self.rows.append(seq)
-        self.kv.append_row(cache, len(seq.prompt_ids), lm.device)
+        if len(keep) != len(seqs):
+            index = torch.tensor(keep, dtype=torch.long, device=lm.device)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+            mask = mask.index_select(0, index)
+        self.rows.extend(seqs[i] for i in keep)
+        self.kv.append_rows(cache, mask)
 
     def _decode(self) -> None:
         lm = self.loaded
@@ -246,6 +285,15 @@ class ModelRunner:
             dtype=self.dtype_name,
             arrays=specs,
         ), buffers)
+
+
+def _zero_padding(cache: Any, mask: torch.Tensor) -> None:
+    """Zero the K/V at padding positions: a fully masked pad query can yield NaN,
+    and 0 * NaN would leak into every later step of that row."""
+    keep = mask[:, None, :, None].bool()
+    for layer in cache.layers:
+        layer.keys = torch.where(keep, layer.keys, 0)
+        layer.values = torch.where(keep, layer.values, 0)
 
 
 def _raw_bytes(vector: torch.Tensor) -> memoryview:
