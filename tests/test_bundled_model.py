@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "loom-tiny"
 REQUIRED_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                   "generation_config.json", "README.md"]
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")

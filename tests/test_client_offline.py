@@ -608,7 +608,7 @@ def test_default_config_file_and_flag_precedence(server: FakeLoom, tmp_path: Pat
 
 
 def test_interactive_session(server: FakeLoom, tmp_path: Path) -> None:
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     child = pexpect.spawn(
         sys.executable, ["-m", "loom", "chat", "--url", server.url, "--model", "slow"],
         env=cli_env(tmp_path), cwd=str(REPO), encoding="utf-8", timeout=10,
@@ -667,7 +667,7 @@ def test_interactive_session(server: FakeLoom, tmp_path: Path) -> None:
 
 
 def test_interactive_eof_exits(server: FakeLoom, tmp_path: Path) -> None:
-    pexpect = pytest.importorskip("pexpect")
+    import pexpect
     child = pexpect.spawn(sys.executable, ["-m", "loom", "chat", "--url", server.url],
                           env=cli_env(tmp_path), cwd=str(REPO), encoding="utf-8", timeout=10)
     child.expect_exact("you> ")

@@ -1,11 +1,7 @@
 """The bundled loom-tiny model, served by default: meaningful answers offline."""
 from __future__ import annotations
 
-import pytest
-
-from tests.helpers import BUNDLED, stream_chat, text_of, user
-
-pytestmark = pytest.mark.skipif(not (BUNDLED / "config.json").is_file(), reason="bundled model missing")
+from tests.helpers import stream_chat, text_of, user
 
 
 def test_loom_serve_preloads_loom_tiny_by_default(stack):
