@@ -14,7 +14,6 @@ it sends.
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -85,17 +84,36 @@ class Message:
             _REGISTRY[cls.kind] = cls
 
     def header(self) -> dict[str, Any]:
-        # Called once per token: the field names are looked up once per class.
-        names = _FIELD_NAMES.get(type(self))
-        if names is None:
-            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
-        h = {name: getattr(self, name) for name in names}
+        h = {name: getattr(self, name) for name in _fields(type(self))}
         h["v"] = PROTOCOL_VERSION
         h["kind"] = self.kind
         return h
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+# Encoding and decoding run once per token in every process: each class's
+# fields and type checks are worked out once, not per message.
+_FIELDS: dict[type, tuple[str, ...]] = {}
+_CHECKS: dict[type, list[tuple[str, str, bool]]] = {}
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _checks(cls: type) -> list[tuple[str, str, bool]]:
+    """(field, base type as written, whether None is allowed) for each field."""
+    checks = _CHECKS.get(cls)
+    if checks is None:
+        checks = []
+        for f in dataclasses.fields(cls):
+            annotation = str(f.type)
+            allows_none = "None" in annotation or f.default is None
+            checks.append((f.name, annotation.split("|")[0].strip(), allows_none))
+        _CHECKS[cls] = checks
+    return checks
 
 
 @dataclass
@@ -291,7 +309,7 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
     cls = _REGISTRY.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message kind {header.get('kind')!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _fields(cls)
     try:
         msg = cls(**{k: v for k, v in header.items() if k in names})
     except TypeError as exc:
@@ -308,26 +326,23 @@ _SIMPLE_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 
 def _check_types(msg: Message) -> None:
     """Reject fields whose type is plainly wrong, so no handler trips on them."""
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        annotation = str(f.type)
-        optional = "None" in annotation
+    for name, base, allows_none in _checks(type(msg)):
+        value = getattr(msg, name)
         if value is None:
-            if not optional and f.default is not None:
-                raise ProtocolError(f"{msg.kind}.{f.name} is required")
+            if not allows_none:
+                raise ProtocolError(f"{msg.kind}.{name} is required")
             continue
-        base = annotation.split("|")[0].strip()
         if base in _SIMPLE_TYPES and not isinstance(value, _SIMPLE_TYPES[base]):
-            raise ProtocolError(f"{msg.kind}.{f.name} must be {base}")
+            raise ProtocolError(f"{msg.kind}.{name} must be {base}")
         if base.startswith("list") and not isinstance(value, list):
-            raise ProtocolError(f"{msg.kind}.{f.name} must be a list")
+            raise ProtocolError(f"{msg.kind}.{name} must be a list")
         # Elements too: a handler indexing a model entry or comparing a layer must not trip.
         if base.startswith("list[int]") and not all(isinstance(v, int) for v in value):
-            raise ProtocolError(f"{msg.kind}.{f.name} must be a list of ints")
+            raise ProtocolError(f"{msg.kind}.{name} must be a list of ints")
         if base.startswith("list[dict") and not all(isinstance(v, dict) for v in value):
-            raise ProtocolError(f"{msg.kind}.{f.name} must be a list of maps")
+            raise ProtocolError(f"{msg.kind}.{name} must be a list of maps")
         if base.startswith("dict") and not isinstance(value, dict):
-            raise ProtocolError(f"{msg.kind}.{f.name} must be a map")
+            raise ProtocolError(f"{msg.kind}.{name} must be a map")
 
 
 _DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -347,6 +362,3 @@ def _check_arrays(msg: Final, buffers: list[Any]) -> None:
         if n * size != len(buf) or n * size > MAX_ARRAY_BYTES:
             raise ProtocolError(f"array of shape {spec.get('shape')} does not match {len(buf)} bytes")
 
-
-def now() -> float:
-    return time.time()
