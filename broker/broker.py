@@ -63,8 +63,12 @@ class Route:
     api: bytes
     worker: bytes
     kind: str
-    # An unload goes to every worker holding the model; answer after the last.
-    waiting: int = 1
+    # An unload goes to every worker holding the model (`worker` is then
+    # b"*"); the API gets its answer when the last of them has answered.
+    unloading: set[bytes] = field(default_factory=set)
+
+    def served_by(self, identity: bytes) -> bool:
+        return self.worker == identity or identity in self.unloading
 
 
 class Broker:
@@ -74,7 +78,6 @@ class Broker:
         self.broker_id = uuid.uuid4().hex[:12]
         self.workers: dict[bytes, Worker] = {}
         self.routes: dict[str, Route] = {}
-        self.dropped = 0
 
     # --- sending ---------------------------------------------------------------
 
@@ -114,7 +117,6 @@ class Broker:
         try:
             msg, _ = P.decode(body)
         except P.ProtocolError as exc:
-            self.dropped += 1
             log.warning("dropped a malformed message from API %r: %s", api[:32], exc)
             return
         if isinstance(msg, P.Ping):
@@ -137,7 +139,6 @@ class Broker:
                     worker.routes.discard(msg.rid)
                     self._to_worker(route.worker, msg)
         else:
-            self.dropped += 1
             log.warning("dropped an unexpected %s message from API %r", msg.kind, api[:32])
 
     def _candidates(self, device: str | None) -> list[Worker]:
@@ -183,7 +184,7 @@ class Broker:
                 self._to_api(api, P.Loaded(rid=msg.rid, info=info))
                 return
         # A load already under way on some worker: join it rather than load twice.
-        for rid, route in self.routes.items():
+        for route in self.routes.values():
             if route.kind == f"load:{msg.model}" and route.worker in {w.identity for w in candidates}:
                 self._assign(api, self.workers[route.worker], msg, f"load:{msg.model}")
                 return
@@ -200,7 +201,7 @@ class Broker:
         if not sent:
             self._to_api(api, P.Error(rid=msg.rid, type=P.ErrorType.WORKER_LOST, message="the worker went away"))
             return
-        self.routes[msg.rid] = Route(api=api, worker=b"*", kind="unload", waiting=len(sent))
+        self.routes[msg.rid] = Route(api=api, worker=b"*", kind=f"unload:{msg.model}", unloading={w.identity for w in sent})
 
     # --- backend: frames from workers ---------------------------------------------------
 
@@ -209,7 +210,6 @@ class Broker:
         try:
             msg, buffers = P.decode(body)
         except P.ProtocolError as exc:
-            self.dropped += 1
             log.warning("dropped a malformed message from worker %r: %s", identity[:64], exc)
             return
         worker = self.workers.get(identity)
@@ -229,15 +229,15 @@ class Broker:
             return
         rid = getattr(msg, "rid", None)
         route = self.routes.get(rid) if rid is not None else None
-        if route is None or (route.worker != identity and route.worker != b"*"):
+        if route is None or not route.served_by(identity):
             return  # a request that was cancelled, failed over, or never ours
         if isinstance(msg, P.Loaded) and not worker.has_model(msg.info.get("model_id", "")):
             worker.models = [*worker.models, *_valid_models([msg.info])]
         if isinstance(msg, P.Unloaded):
             worker.models = [m for m in worker.models if m.get("model_id") != msg.model]
         if isinstance(msg, TERMINAL):
-            route.waiting -= 1
-            if route.waiting > 0:
+            route.unloading.discard(identity)
+            if route.unloading:
                 return
             self.routes.pop(rid, None)
             worker.routes.discard(rid)
@@ -281,8 +281,10 @@ class Broker:
     def _forget(self, worker: Worker, message: str) -> None:
         for rid in list(worker.routes):
             self._fail(rid, P.ErrorType.WORKER_LOST, message)
+        # A worker that is gone holds no model: for an unload, it has answered.
         for rid, route in list(self.routes.items()):
-            if route.kind == "unload" and route.worker == b"*":
-                continue
-            if route.worker == worker.identity:
-                self._fail(rid, P.ErrorType.WORKER_LOST, message)
+            if worker.identity in route.unloading:
+                route.unloading.discard(worker.identity)
+                if not route.unloading:
+                    del self.routes[rid]
+                    self._to_api(route.api, P.Unloaded(rid=rid, model=route.kind.removeprefix("unload:")))

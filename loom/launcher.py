@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loom.config import DEFAULT_MODEL, add_common_arguments, env, setup_logging
 
@@ -77,11 +77,9 @@ class Child:
     restarts: int = 0
     started: float = 0.0
     next_start: float = 0.0
-    extra_env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        env_vars = {**os.environ, **self.extra_env}
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, env=env_vars)
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
 

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class LoadedModel:
     # transformers >= 5.2x, "past_key_values" before).
     cache_kwarg: str = "past_key_values"
     accepts_logits_to_keep: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -41,6 +41,3 @@ class Outbox:
         while self._frames:
             frames.append(self._frames.popleft())
         return frames
-
-    def clear(self) -> None:
-        self.drain()

@@ -168,7 +168,9 @@ class ModelRunner:
         self.rows = [self.rows[i] for i in keep]
         self.kv.keep_rows(keep)
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, slots: set[int], **kwargs: Any) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, cache: Any, slots: set[int],
+                 **kwargs: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Last-position logits, and the hidden states captured for `slots`."""
         lm = self.loaded
         kwargs[lm.cache_kwarg] = cache
         if lm.accepts_logits_to_keep:
@@ -178,8 +180,7 @@ class ModelRunner:
             out = lm.model(input_ids=input_ids, use_cache=True, **kwargs)
         finally:
             captured = self.capture.end()
-        self._captured = captured
-        return out.logits[:, -1, :]
+        return out.logits[:, -1, :], captured
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Run the prompts (left-padded into one batch) and join them to the batch."""
@@ -194,10 +195,10 @@ class ModelRunner:
         cache = self._new_cache()
         try:
             if len(seqs) == 1:  # no padding: exactly the computation of a request alone
-                logits = self._forward(ids, cache, slots)
+                logits, captured = self._forward(ids, cache, slots)
             else:
                 positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-                logits = self._forward(ids, cache, slots, attention_mask=mask, position_ids=positions)
+                logits, captured = self._forward(ids, cache, slots, attention_mask=mask, position_ids=positions)
                 _zero_padding(cache, mask)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
             log.exception("prefill failed for %s", ", ".join(s.rid for s in seqs))
@@ -205,7 +206,7 @@ class ModelRunner:
                 self.emit(P.Error(rid=seq.rid, type=P.ErrorType.INTERNAL, message=f"prefill failed: {exc}"), [])
             return
         if slots:
-            self._store_hidden(seqs, self._captured)
+            self._store_hidden(seqs, captured)
         tokens = choose_tokens(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
                                [s.generator for s in seqs])
         keep = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if not self._advance(s, t)]
@@ -229,12 +230,13 @@ class ModelRunner:
         mask = self.kv.next_mask()
         if self.kv.padded:
             positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=lm.device)
-            logits = self._forward(input_ids, self.kv.cache, slots, attention_mask=mask, position_ids=positions)
+            logits, captured = self._forward(input_ids, self.kv.cache, slots, attention_mask=mask,
+                                             position_ids=positions)
         else:
             # Rows all aligned: positions follow from the cache length, no mask needed.
-            logits = self._forward(input_ids, self.kv.cache, slots)
+            logits, captured = self._forward(input_ids, self.kv.cache, slots)
         if slots:
-            self._store_hidden(rows, self._captured)
+            self._store_hidden(rows, captured)
         tokens = choose_tokens(logits, [s.temperature for s in rows], [s.top_p for s in rows],
                                [s.generator for s in rows])
         keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not self._advance(s, t)]
