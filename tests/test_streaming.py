@@ -133,7 +133,7 @@ def test_default_model_when_model_is_empty(stack):
 
 def test_concurrent_streams_all_complete(stack):
     async def one(client: httpx.AsyncClient, i: int) -> tuple[str, int]:
-        body = {"model": TOY, "messages": user(f"Tell me about {i}."), "max_tokens": 30 + i, "temperature": 0.7,
+        body = {"model": TOY, "messages": user(f"Tell me about {i}."), "max_tokens": 30 + i, "temperature": 0.7, "seed": i,
                 "stream": True}
         names = []
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
