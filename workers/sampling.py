@@ -1,40 +1,118 @@
-"""Next-token choice for a batch in which every row has its own settings."""
+"""Next-token choice for a batch in which every row has its own settings.
+
+Sampled rows are drawn by inverse CDF, vectorized over the batch: each row
+takes a uniform number from its own generator (one cheap call; a multinomial
+draw per row cost ~25 us on 2 CPU cores) and the search for where it lands in
+the row's cumulative weights runs for all rows at once. A `random.Random`
+as a row's generator costs ~0.2 us a draw, a `torch.Generator` ~2 us. The nucleus (top_p)
+is enforced by rejection instead of a sort (sorting [64, 512] took 1.4 ms on
+the CPU, [64, 8192] 31 ms): a draw outside it is redrawn from the tokens more
+likely than the rejected one, which still hold the whole nucleus, so the
+accepted token follows the nucleus distribution exactly; each rejection at
+least halves the candidates' mass on average, so rows finish in a few rounds.
+A row's pick depends only on its own logits, settings and generator, so a
+seeded request gives the same text whatever else is in its batch, in any order
+(up to float rounding in the model's own batched arithmetic).
+"""
 from __future__ import annotations
 
-from typing import Sequence as Seq
+import random
+from typing import Sequence as Seq, Union
 
 import torch
 
+Generator = Union[random.Random, torch.Generator, None]
+
 
 def choose_tokens(logits: torch.Tensor, temperatures: Seq[float], top_ps: Seq[float],
-                  generators: Seq[torch.Generator | None]) -> list[int]:
+                  generators: Seq[Generator]) -> list[int]:
     """One token id per row of `logits` ([rows, vocab]).
 
     Temperature 0 is greedy. Others sample from the temperature-scaled
-    distribution cut to the smallest set whose mass reaches top_p (nucleus),
-    each row drawing from its own generator so that a seeded request gives
-    the same text whatever else is in the batch.
+    distribution cut to its nucleus: a token is kept while the mass of the
+    tokens strictly more likely than it is below top_p (so the most likely
+    token always is, and tokens of equal probability are kept or cut
+    together). Each row draws from its own generator: a random.Random, a CPU
+    torch.Generator, or None for torch's global one.
     """
-    chosen = logits.argmax(dim=-1).tolist()
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
     if not sampled:
-        return chosen
-    # Sampled rows go to the CPU, where each request's generator lives; it is
-    # one [rows, vocab] copy per step, and seeded results match across devices.
-    rows = logits[sampled].float().cpu()
-    # Shift each row's maximum to 0 (softmax does not change) so that a tiny
-    # temperature sends the others to -inf, never the maximum to inf (nan).
-    rows = rows - rows.max(dim=-1, keepdim=True).values
-    temps = torch.tensor([temperatures[i] for i in sampled], dtype=rows.dtype, device=rows.device)
-    temps = temps.clamp_min(torch.finfo(rows.dtype).tiny)  # 1e-45 is 0 in float32
-    probs = torch.softmax(rows / temps[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    tops = torch.tensor([top_ps[i] for i in sampled], dtype=rows.dtype, device=rows.device)
-    # Keep a token while the mass before it is below top_p (always keeps the first).
-    outside = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= tops[:, None]
-    outside[:, 0] = False
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    for j, i in enumerate(sampled):
-        pick = torch.multinomial(sorted_probs[j], 1, generator=generators[i])
-        chosen[i] = int(order[j, pick])
-    return chosen
+        return logits.argmax(dim=-1).tolist()
+    device = logits.device
+    every = len(sampled) == logits.shape[0]
+    rows = logits if every else logits[sampled]
+    weights = _weights(rows.float(), torch.tensor([temperatures[i] for i in sampled], device=device))
+    tops = torch.tensor([top_ps[i] for i in sampled], dtype=weights.dtype, device=device)
+
+    def uniforms(active: list[int]) -> torch.Tensor:
+        # The generators live on the CPU; only these numbers travel, so on a
+        # GPU a step has one host sync (the final tolist), not a [rows, vocab] copy.
+        return torch.tensor([_uniform(generators[sampled[j]]) for j in active], dtype=torch.float64, device=device)
+
+    picks = _draw(weights, tops, uniforms)
+    if every:
+        return picks.tolist()
+    chosen = logits.argmax(dim=-1)
+    chosen.index_copy_(0, torch.tensor(sampled, device=device), picks)
+    return chosen.tolist()
+
+
+def _uniform(generator: Generator) -> float:
+    """A number in [0, 1) from one row's own generator."""
+    if isinstance(generator, random.Random):
+        return generator.random()
+    return float(torch.rand((), dtype=torch.float64, generator=generator))
+
+
+def _weights(rows: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """Unnormalized probabilities exp((logit - max) / T); the maximum is exactly 1.
+
+    Shifting the maximum to 0 first means a tiny temperature sends the others
+    to exp(-inf) = 0, never the maximum to inf (nan); dividing by the total is
+    left to the search, which scales the uniform instead.
+    """
+    temps = temperatures.to(rows.dtype).clamp_min(torch.finfo(rows.dtype).tiny)  # 1e-45 is 0 in float32
+    # In place on the one new tensor: each pass over [rows, vocab] costs.
+    return (rows - rows.max(dim=-1, keepdim=True).values).div_(temps[:, None]).exp_()
+
+
+def _draw(weights: torch.Tensor, top_ps: torch.Tensor, uniforms) -> torch.Tensor:
+    """A token per row from `weights` cut to each row's nucleus; uniforms(active rows) gives their draws."""
+    n = weights.shape[0]
+    picks = torch.empty(n, dtype=torch.long, device=weights.device)
+    limit = None
+    uncut = top_ps >= 1.0
+    cut_any = not bool(uncut.all())
+    active = list(range(n))
+    w, floor = weights, None  # floor: each active row's candidates are the tokens heavier than it
+    while True:
+        x, mass = _inverse_cdf(w if floor is None else w * (w > floor), uniforms(active))
+        if not cut_any:
+            picks[:] = x[:, 0]
+            return picks
+        if limit is None:  # the first round's mass is the whole row's
+            limit = top_ps * mass[:, 0]
+        wx = w.gather(1, x)
+        before = (w * (w > wx)).sum(dim=-1)  # the mass of the tokens more likely than the draw
+        index = torch.tensor(active, device=w.device)
+        ok = (before < limit[index]) | (before == 0) | uncut[index]
+        picks.index_copy_(0, index[ok], x[ok, 0])
+        redraw = (~ok).nonzero()[:, 0].tolist()
+        if not redraw:
+            return picks
+        # The draw lies outside the nucleus, and so does every token no more
+        # likely than it: those leave the candidates for good.
+        keep = torch.tensor(redraw, device=w.device)
+        active = [active[j] for j in redraw]
+        w, floor = w.index_select(0, keep), wx.index_select(0, keep)
+
+
+def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column index [rows, 1] where each uniform in [0, 1) lands in its row's cumulative weights, and the mass [rows, 1]."""
+    cdf = weights.cumsum(dim=-1)
+    mass = cdf[:, -1:]
+    # Strictly below the mass: the first cdf entry above the target then
+    # exists and is where the cdf rose (a token of weight > 0), even when the
+    # uniform times the mass rounds up to the mass.
+    target = torch.minimum(uniforms[:, None].to(cdf.dtype) * mass, torch.nextafter(mass, torch.zeros_like(mass)))
+    return torch.searchsorted(cdf, target, right=True), mass
