@@ -277,6 +277,7 @@ def test_degenerate_sets_give_finite_numbers(X):
     ([[1.0, 2.0], [3.0], [4.0, 5.0]], "same length"),
     ([[1.0, 2.0], [3.0, float("nan")], [4.0, 5.0]], "NaN or infinity"),
     ([[1.0, 2.0], [3.0, float("inf")], [4.0, 5.0]], "NaN or infinity"),
+    ([[1.0, 2.0], [3.0, 4.0], [-1e200, 5.0]], "beyond"),
     ([[1.0, "2"], [3.0, 4.0], [4.0, 5.0]], "list of numbers"),
     ([[1.0, None], [3.0, 4.0], [4.0, 5.0]], "list of numbers"),
     ([[1.0, [2.0]], [3.0, 4.0], [4.0, 5.0]], "list of numbers"),

@@ -12,6 +12,9 @@ import numpy as np
 MIN_VECTORS = 3
 MAX_VECTORS = 10_000
 MAX_DIMS = 16_384
+# Larger numbers would overflow float64 in the sums of squares the analysis
+# takes (over up to 16,384 dims x 10,000 vectors): infinity in all but name.
+MAX_ABS = 1e100
 
 
 class InputError(ValueError):
@@ -60,6 +63,9 @@ def check_vectors(field: str, value: Any) -> np.ndarray:
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         raise InputError(field, f"vector {int(np.argmin(finite))} holds NaN or infinity")
+    in_range = (np.abs(array) <= MAX_ABS).all(axis=1)
+    if not in_range.all():
+        raise InputError(field, f"vector {int(np.argmin(in_range))} holds a number beyond ±{MAX_ABS:g}")
     return array
 
 
