@@ -6,8 +6,9 @@ from typing import Any
 
 import orjson
 
-from api.floats import base64_bytes, json_list
+from api.floats import base64_bytes, json_rows
 from loom import protocol as P
+from loom.logs import current_request_id
 
 _DELTA_HEAD = b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"type":"text_delta","text":'
 
@@ -22,7 +23,11 @@ def delta_event(text: str) -> bytes:
 
 
 def error_body(error_type: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": error_type, "message": message}}
+    error = {"type": error_type, "message": message}
+    request_id = current_request_id()
+    if request_id:  # set for every HTTP request (api/request_ids.py)
+        error["request_id"] = request_id
+    return {"type": "error", "error": error}
 
 
 def error_event(msg: P.Error) -> bytes:
@@ -37,7 +42,10 @@ class Want:
     keys: list[int] | None  # explicit layers (None: none asked)
     all_layers: bool = False
     style: str = "chat"  # "chat": {"vector": ...}; "generate": {"data": ...}
-    encoding: str = "list"  # generate only: "list" | "base64"
+    encoding: str = "list"  # "list" | "base64" (chat's base64 arrays are {"data": ..., "encoding": "base64"})
+    positions: str = "last"  # hidden_state_positions
+    logprobs: bool = False  # a top-level `logprobs` list in a non-streaming answer
+    lens: bool = False  # a top-level `logit_lens` list in a non-streaming answer
 
     def layers(self) -> list[int]:
         layers = list(self.keys or [])
@@ -81,23 +89,35 @@ def hidden_fields(final: P.Final, buffers: list[Any], want: Want) -> dict[str, A
         raw = buf.buffer if hasattr(buf, "buffer") else buf
         shape, dtype = spec["shape"], spec["dtype"]
         if want.style == "generate":
-            if want.encoding == "base64":
-                entry: dict[str, Any] = {"data": base64_bytes(raw), "shape": shape, "dtype": dtype, "encoding": "base64"}
-            else:
-                entry = {"data": orjson.Fragment(json_list(raw, dtype)), "shape": shape, "dtype": dtype}
+            entry = array_entry(raw, shape, dtype, want)
             for key in spec["keys"]:
                 layers_map[str(key)] = entry
             continue
-        vector = orjson.Fragment(json_list(raw, dtype))
         keys = spec["keys"]
         if want.final and -1 in keys:
-            out["hidden_state"] = {"final": vector, "shape": shape, "layer": -1, "dtype": dtype}
+            out["hidden_state"] = array_entry(raw, shape, dtype, want, "final", -1)
         for key in keys:
             if (want.keys and key in want.keys) or want.all_layers:
-                layers_map[str(key)] = {"vector": vector, "shape": shape, "layer": key, "dtype": dtype}
+                layers_map[str(key)] = array_entry(raw, shape, dtype, want, "vector", key)
     if layers_map:
         out["hidden_states"] = dict(sorted(layers_map.items(), key=lambda kv: _order(int(kv[0]))))
     return out
+
+
+def array_entry(raw: Any, shape: list[int], dtype: str, want: Want, name: str = "data",
+                layer: int | None = None) -> dict[str, Any]:
+    """One array as the contract writes it: floats under `name` (chat's "final"/"vector",
+    /generate's "data"), or base64 under "data"; chat entries also say their layer."""
+    if want.encoding == "base64":
+        entry: dict[str, Any] = {"data": base64_bytes(raw), "shape": shape}
+    else:
+        entry = {name: orjson.Fragment(json_rows(raw, dtype, shape[0] if shape else 1)), "shape": shape}
+    if layer is not None:
+        entry["layer"] = layer
+    entry["dtype"] = dtype
+    if want.encoding == "base64":
+        entry["encoding"] = "base64"
+    return entry
 
 
 def _order(layer: int) -> tuple[int, int]:

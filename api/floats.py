@@ -55,4 +55,14 @@ def json_list(buffer: bytes | memoryview, dtype: str) -> bytes:
 
 
 def base64_bytes(buffer: bytes | memoryview) -> str:
-    return base64.b64encode(bytes(buffer)).decode("ascii")
+    # Straight from the frame's buffer: no copy, and never through Python floats.
+    return base64.b64encode(buffer).decode("ascii")
+
+
+def json_rows(buffer: bytes | memoryview, dtype: str, rows: int) -> bytes:
+    """A `[rows, H]` array as JSON: a list of `rows` lists (one flat list when rows is 1)."""
+    if rows <= 1:
+        return json_list(buffer, dtype)
+    strings = shortest_strings(to_array(buffer, dtype), dtype)
+    width = len(strings) // rows
+    return ("[" + ",".join("[" + ",".join(strings[r * width:(r + 1) * width]) + "]" for r in range(rows)) + "]").encode()

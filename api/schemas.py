@@ -5,6 +5,8 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.research_schemas import LogitLensSpec
+
 LayerSpec = Union[Literal["all"], int, list[int]]
 
 
@@ -33,6 +35,17 @@ class GenerationFields(BaseModel):
     hidden_state_layers: LayerSpec | None = Field(
         None, description='"all", a layer index or a list; 0 is the embeddings, -1 the final state')
     device: str | None = Field(None, max_length=64, description="run on a worker with this device, e.g. cuda:1")
+    # Research surface (CONTRACT.md): which positions, which encoding, logprobs, logit lens.
+    hidden_state_positions: Literal["last", "generated", "prompt", "all"] = Field(
+        "last", description='"last": [1, H], the state behind the last token; "generated": one row per generated '
+                            'token; "prompt": one per prompt token; "all": prompt then generated (P + G - 1 rows). '
+                            "Streaming sends non-last positions as `hidden_states` events")
+    hidden_state_format: Literal["list", "base64"] = Field(
+        "list", description='"list": JSON floats; "base64": the raw little-endian bytes of each array, row-major')
+    logprobs: bool = Field(False, description="log-probabilities of each generated token (raw logits, float32)")
+    top_logprobs: int = Field(0, ge=0, le=20, description="also the most likely alternatives per token (0..20)")
+    logit_lens: LogitLensSpec | None = Field(
+        None, description="the LM head (after the final norm) applied to the listed layers' states, per token")
 
     @field_validator("hidden_state_layers")
     @classmethod
@@ -60,7 +73,6 @@ class ChatRequest(GenerationFields):
 class GenerateRequest(GenerationFields):
     prompt: str = Field(..., min_length=1)
     hidden_state_layers: LayerSpec | None = Field([-1], description="layers to return (default [-1])")
-    hidden_state_format: Literal["list", "base64"] = "list"
 
 
 class LoadRequest(BaseModel):

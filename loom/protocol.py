@@ -49,6 +49,7 @@ class ErrorType:
     NO_WORKER = "no_worker_available"
     WORKER_LOST = "worker_lost"
     BROKER_LOST = "broker_lost"
+    SHUTTING_DOWN = "server_shutting_down"  # the API is draining before it exits
     INTERNAL = "internal_error"
 
 
@@ -63,6 +64,7 @@ HTTP_STATUS = {
     ErrorType.NO_WORKER: 503,
     ErrorType.WORKER_LOST: 503,
     ErrorType.BROKER_LOST: 503,
+    ErrorType.SHUTTING_DOWN: 503,
     ErrorType.INTERNAL: 500,
 }
 
@@ -143,7 +145,19 @@ class Generate(Message):
     # Layers to capture; [] captures nothing. -1 is the final (post-norm) state.
     layers: list[int] = field(default_factory=list)
     all_layers: bool = False  # every layer 0..N plus -1 (the worker knows N)
+    # Research surface (CONTRACT.md). Which positions' states leave the worker:
+    # "last" (kept, sent in Final), "generated", "prompt" or "all" (sent as made).
+    positions: str = "last"
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20 alternatives per token
+    lens_layers: list[int] = field(default_factory=list)  # logit lens at these layers
+    lens_top_k: int = 0
+    # An embedding: prefill only, the layer `layers[0]` pooled ("last_token",
+    # "mean", "first_token") and sent in Final; nothing is generated.
+    pooling: str | None = None
+    normalize: bool = False
     device: str | None = None
+    request_id: str = ""  # the HTTP request's X-Request-Id, for log lines in every process
 
 
 @dataclass
@@ -153,6 +167,10 @@ class Load(Message):
     model: str
     dtype: str = "auto"
     device: str | None = None
+    request_id: str = ""
+    # Model ids loaded elsewhere (id -> source), filled by the broker: a
+    # directory with a taken name gets another id, never another's weights.
+    reserved: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,6 +178,7 @@ class Unload(Message):
     kind: ClassVar[str] = "unload"
     rid: str
     model: str
+    request_id: str = ""
 
 
 @dataclass
@@ -176,6 +195,29 @@ class StatusRequest(Message):
     rid: str
 
 
+MAX_PATCH_RUNS = 512  # (layer, component) pairs in one /patch request
+
+
+@dataclass
+class Patch(Message):
+    """Activation patching (POST /patch): routed like a Generate, answered by one PatchResult."""
+
+    kind: ClassVar[str] = "patch"
+    rid: str
+    model: str
+    clean: str
+    corrupted: str
+    layers: list[int] | None = None  # decoder layers 1..N, negative from the end; None: all
+    components: list[str] = field(default_factory=lambda: ["resid_post"])
+    positions: str = "all"  # "all", "last", or "list" (then `position_list`)
+    position_list: list[int] = field(default_factory=list)
+    answer: str | None = None  # one token each; None: the clean / corrupted run's top token
+    wrong_answer: str | None = None
+    max_tokens: int = 0
+    device: str | None = None
+    request_id: str = ""
+
+
 # Replies (worker -> broker -> API) ---------------------------------------------
 
 @dataclass
@@ -185,6 +227,23 @@ class Token(Message):
     text: str
     index: int  # 0-based position of this token in the completion
     t_emit: float = 0.0  # worker's time.time() at emit, for relay-latency measurement
+    # Only for requests that asked (empty otherwise): the states that predicted
+    # this step's token ([1, H] per layer, ArraySpec dicts with "position" and
+    # "prompt_tokens"), logprobs of the tokens whose text this message carries,
+    # and the logit lens of this step's token ({"token_index", "layers"}).
+    arrays: list[dict[str, Any]] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
+    lens: dict[str, Any] | None = None
+
+
+@dataclass
+class States(Message):
+    """Per-position hidden states outside a Token: the prompt's block ([P, H]
+    per layer, right after prefill) or the state that chose the end of turn."""
+
+    kind: ClassVar[str] = "states"
+    rid: str
+    arrays: list[dict[str, Any]] = field(default_factory=list)  # as Token.arrays, [n, H] rows from "position"
 
 
 @dataclass
@@ -231,6 +290,13 @@ class Status(Message):
     workers: list[dict[str, Any]]
 
 
+@dataclass
+class PatchResult(Message):
+    kind: ClassVar[str] = "patch_result"
+    rid: str
+    result: dict[str, Any]  # the /patch answer body: clean, corrupted, results, answer, metadata
+
+
 # Liveness -----------------------------------------------------------------------
 
 @dataclass
@@ -255,6 +321,11 @@ class Heartbeat(Message):
     sender: str
     active: int = 0
     models: list[dict[str, Any]] | None = None
+    # A worker's figures for /metrics: rows in the running batch, requests
+    # waiting for their prefill, bytes held by KV caches.
+    running: int = 0
+    waiting: int = 0
+    kv_cache_bytes: int = 0
 
 
 @dataclass
@@ -316,7 +387,7 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
         raise ProtocolError(f"bad {cls.kind} message: {exc}") from None
     _check_types(msg)
     buffers = list(frames[1:])
-    if isinstance(msg, Final):
+    if isinstance(msg, (Final, Token, States)):
         _check_arrays(msg, buffers)
     return msg, buffers
 
@@ -348,13 +419,18 @@ def _check_types(msg: Message) -> None:
 _DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def _check_arrays(msg: Final, buffers: list[Any]) -> None:
+def _check_arrays(msg: Final | Token | States, buffers: list[Any]) -> None:
     if len(msg.arrays) != len(buffers):
-        raise ProtocolError(f"final has {len(msg.arrays)} array specs but {len(buffers)} buffers")
+        raise ProtocolError(f"{msg.kind} has {len(msg.arrays)} array specs but {len(buffers)} buffers")
     for spec, buf in zip(msg.arrays, buffers):
         size = _DTYPE_SIZES.get(spec.get("dtype")) if isinstance(spec, dict) else None
         shape = spec.get("shape") if isinstance(spec, dict) else None
         if size is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ProtocolError(f"bad array spec {spec!r}"[:200])
+        keys = spec.get("keys")
+        where = [spec.get(k, 0) for k in ("position", "prompt_tokens")]
+        if not isinstance(keys, list) or not all(isinstance(k, int) for k in keys) \
+                or not all(isinstance(w, int) and w >= 0 for w in where):
             raise ProtocolError(f"bad array spec {spec!r}"[:200])
         n = 1
         for d in shape:

@@ -43,6 +43,11 @@ OPERATIONS = [
     ("DELETE", "/models/{model_id}"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/generate"),
+    ("POST", "/embed"),
+    ("POST", "/embed/batch"),
+    ("POST", "/generate/batch"),
+    ("POST", "/analyze/geometry"),
+    ("POST", "/analyze/bilateral"),
 ]
 
 
@@ -65,7 +70,17 @@ def bound(case: Any) -> None:
     body = case.body
     if case.method.upper() != "POST" or not isinstance(body, dict):
         return
-    if case.path not in ("/v1/chat/completions", "/generate"):
+    if case.path.startswith("/analyze/"):
+        # Vectors of one length, which JSON Schema cannot say: else every valid example is a 422.
+        sets = [body.get(k) for k in ("vectors", "sender_vectors", "receiver_vectors")]
+        sets = [rows for rows in sets if isinstance(rows, list) and rows and all(isinstance(r, list) and r for r in rows)]
+        for rows in sets:
+            width = len(sets[0][0])
+            rows[:] = [(row * width)[:width] for row in rows]
+        return
+    if case.path == "/generate/batch" and isinstance(body.get("prompts"), list) and len(body["prompts"]) <= 100:
+        del body["prompts"][3:]  # each prompt is a generation: keep a fuzzed batch short (over 100 stays invalid)
+    if case.path not in ("/v1/chat/completions", "/generate", "/generate/batch"):
         return
     if "max_tokens" not in body:
         body["max_tokens"] = FUZZ_MAX_TOKENS  # the default (256) would be a long run

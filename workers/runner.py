@@ -11,16 +11,19 @@ import logging
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from loom import protocol as P
-from workers.detokenizer import IncrementalDetokenizer
-from workers.hidden import HiddenCapture, slot_for
+from workers.admission import RequestError, build_sequence
+from workers.hidden import ForwardPlan, LayerHooks
 from workers.kv_cache import BatchCache
+from workers.logprobs import TokenTexts
 from workers.model_store import DTYPE_NAMES, LoadedModel
+from workers.outputs import Captured, Outputs, RowOut
 from workers.sampling import choose_tokens
 from workers.sequence import Sequence
+
+__all__ = ["ModelRunner", "RequestError"]
 
 log = logging.getLogger("loom.worker")
 
@@ -31,21 +34,16 @@ Emit = Callable[[P.Message, list[Any]], None]
 MAX_PREFILL_ROWS = 16
 
 
-class RequestError(Exception):
-    def __init__(self, error_type: str, message: str):
-        super().__init__(message)
-        self.error_type = error_type
-
-
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, emit: Emit):
         self.loaded = loaded
         self.emit = emit
-        self.capture = HiddenCapture(loaded.model, loaded.num_layers)
+        self.hooks = LayerHooks(loaded.model, loaded.num_layers)
         self.kv = BatchCache()
         self.rows: list[Sequence] = []
         self.pending: list[Sequence] = []
         self.dtype_name = DTYPE_NAMES.get(loaded.dtype, "float32")
+        self.outputs = Outputs(self.hooks, TokenTexts(loaded.tokenizer), self.dtype_name, loaded.device)
         self._new_cache = _cache_factory(loaded)
 
     # --- admission ------------------------------------------------------------
@@ -56,59 +54,7 @@ class ModelRunner:
 
     def admit(self, req: P.Generate) -> None:
         """Validate and queue a request; raises RequestError for bad input."""
-        lm = self.loaded
-        ids = self._prompt_ids(req)
-        if not ids:
-            raise RequestError(P.ErrorType.INVALID_REQUEST, "the prompt is empty")
-        if len(ids) >= lm.max_context:
-            raise RequestError(
-                P.ErrorType.CONTEXT_LENGTH,
-                f"the prompt has {len(ids)} tokens but {lm.model_id} has a context of {lm.max_context} "
-                "tokens; shorten the messages or the prompt",
-            )
-        layers = list(req.layers)
-        if req.all_layers:
-            layers += [*range(lm.num_layers + 1), -1]
-        slots: dict[int, list[int]] = {}
-        try:
-            for layer in layers:
-                keys = slots.setdefault(slot_for(layer, lm.num_layers), [])
-                if layer not in keys:
-                    keys.append(layer)
-        except ValueError as exc:
-            raise RequestError(P.ErrorType.INVALID_REQUEST, str(exc)) from None
-        generator = None
-        if req.temperature > 0:
-            generator = torch.Generator(device="cpu")
-            if req.seed is not None:
-                generator.manual_seed(int(req.seed))
-            else:
-                generator.seed()
-        self.pending.append(Sequence(
-            rid=req.rid,
-            prompt_ids=ids,
-            max_tokens=max(1, min(req.max_tokens, lm.max_context - len(ids))),
-            temperature=float(req.temperature),
-            top_p=float(req.top_p),
-            generator=generator,
-            slots=slots,
-            detok=IncrementalDetokenizer(lm.tokenizer, ids[-4:]),
-        ))
-
-    def _prompt_ids(self, req: P.Generate) -> list[int]:
-        tok = self.loaded.tokenizer
-        if req.messages is not None:
-            if not getattr(tok, "chat_template", None):
-                raise RequestError(
-                    P.ErrorType.INVALID_REQUEST,
-                    f"{self.loaded.model_id} has no chat template; use /generate with a raw prompt",
-                )
-            try:
-                text = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates raise their own errors (e.g. role order)
-                raise RequestError(P.ErrorType.INVALID_REQUEST, f"chat template rejected the messages: {exc}") from None
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(req.prompt or "", add_special_tokens=True)["input_ids"])
+        self.pending.append(build_sequence(self.loaded, self.hooks, req))
 
     def cancel(self, rid: str) -> bool:
         for seq in self.pending:
@@ -160,6 +106,12 @@ class ModelRunner:
                 self.pending.remove(seq)
         return group
 
+    def _embedded(self, seq: Sequence, spec: dict[str, Any], buffer: Any) -> None:
+        """An embedding request is answered right after its prefill."""
+        self.emit(P.Final(rid=seq.rid, stop_reason="embedding", prompt_tokens=len(seq.prompt_ids),
+                          completion_tokens=0, generate_s=time.perf_counter() - seq.started,
+                          model=self.loaded.model_id, dtype=self.dtype_name, arrays=[spec]), [buffer])
+
     def _drop_cancelled(self) -> None:
         if any(s.cancelled for s in self.rows):
             self._keep([i for i, s in enumerate(self.rows) if not s.cancelled])
@@ -168,18 +120,18 @@ class ModelRunner:
         self.rows = [self.rows[i] for i in keep]
         self.kv.keep_rows(keep)
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, slots: set[int],
+    def _forward(self, input_ids: torch.Tensor, cache: Any, plan: ForwardPlan,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Last-position logits, and the hidden states captured for `slots`."""
+        """Last-position logits, and the hidden states `plan` captures."""
         lm = self.loaded
         kwargs[lm.cache_kwarg] = cache
         if lm.accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        self.capture.begin(slots)
+        self.hooks.begin(plan)
         try:
             out = lm.model(input_ids=input_ids, use_cache=True, **kwargs)
         finally:
-            captured = self.capture.end()
+            captured = self.hooks.end()
         return out.logits[:, -1, :], captured
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -191,25 +143,35 @@ class ModelRunner:
                            dtype=torch.long, device=lm.device)
         mask = torch.tensor([[0] * (length - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in seqs],
                             dtype=torch.long, device=lm.device)
-        slots = set().union(*(s.slots for s in seqs))
+        plan, rows_by_slot = self.outputs.plan(seqs, prefill=True)
         cache = self._new_cache()
         try:
             if len(seqs) == 1:  # no padding: exactly the computation of a request alone
-                logits, captured = self._forward(ids, cache, slots)
+                logits, captured = self._forward(ids, cache, plan)
             else:
                 positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-                logits, captured = self._forward(ids, cache, slots, attention_mask=mask, position_ids=positions)
+                logits, captured = self._forward(ids, cache, plan, attention_mask=mask, position_ids=positions)
                 _zero_padding(cache, mask)
         except Exception as exc:  # e.g. out of memory: fail these requests, keep serving
             log.exception("prefill failed for %s", ", ".join(s.rid for s in seqs))
             for seq in seqs:
                 self.emit(P.Error(rid=seq.rid, type=P.ErrorType.INTERNAL, message=f"prefill failed: {exc}"), [])
             return
-        if slots:
-            self._store_hidden(seqs, captured)
+        got = Captured(captured, rows_by_slot, plan)
+        done = set()
+        for i, seq in enumerate(seqs):
+            if seq.pooling is not None:
+                self._embedded(seq, *self.outputs.embedding(seq, got, i))
+                done.add(i)
+            elif seq.wants_prompt_block and seq.slots:
+                # Right after the prompt is processed, before its first token.
+                specs, buffers = self.outputs.prompt_states(seq, got, i)
+                self.emit(P.States(rid=seq.rid, arrays=specs), buffers)
         tokens = choose_tokens(logits, [s.temperature for s in seqs], [s.top_p for s in seqs],
                                [s.generator for s in seqs])
-        keep = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if not self._advance(s, t)]
+        outs = self._outputs(seqs, logits, tokens, got, prefill=True, skip=done)
+        keep = [i for i, (s, t) in enumerate(zip(seqs, tokens))
+                if i not in done and not self._advance(s, t, outs.get(i))]
         if not keep:
             return
         if len(keep) != len(seqs):
@@ -224,59 +186,78 @@ class ModelRunner:
         lm = self.loaded
         rows = self.rows
         input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=lm.device)
-        slots = set()
-        for s in rows:
-            slots.update(s.slots)
+        plan, rows_by_slot = self.outputs.plan(rows, prefill=False)
         mask = self.kv.next_mask()
         if self.kv.padded:
             positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=lm.device)
-            logits, captured = self._forward(input_ids, self.kv.cache, slots, attention_mask=mask,
+            logits, captured = self._forward(input_ids, self.kv.cache, plan, attention_mask=mask,
                                              position_ids=positions)
         else:
             # Rows all aligned: positions follow from the cache length, no mask needed.
-            logits, captured = self._forward(input_ids, self.kv.cache, slots)
-        if slots:
-            self._store_hidden(rows, captured)
+            logits, captured = self._forward(input_ids, self.kv.cache, plan)
         tokens = choose_tokens(logits, [s.temperature for s in rows], [s.top_p for s in rows],
                                [s.generator for s in rows])
-        keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not self._advance(s, t)]
+        outs = self._outputs(rows, logits, tokens, Captured(captured, rows_by_slot, plan), prefill=False)
+        keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not self._advance(s, t, outs.get(i))]
         if len(keep) != len(rows):
             self._keep(keep)
 
-    @staticmethod
-    def _store_hidden(rows: list[Sequence], captured: dict[int, torch.Tensor]) -> None:
-        # Overwrite: only the state behind the latest token is ever returned.
-        for i, seq in enumerate(rows):
-            for slot in seq.slots:
-                seq.hidden[slot] = captured[slot][i]
+    def _outputs(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int], got: Captured,
+                 prefill: bool, skip: set[int] = frozenset()) -> dict[int, RowOut]:
+        rows = [i for i, s in enumerate(seqs) if i not in skip
+                and (s.slots or s.lens_slots or s.top_logprobs >= 0)]
+        return self.outputs.step(seqs, rows, logits, tokens, got, prefill) if rows else {}
 
-    def _advance(self, seq: Sequence, token: int) -> bool:
-        """Account for `token`; emit its text; True when `seq` has finished."""
+    def _advance(self, seq: Sequence, token: int, out: RowOut | None) -> bool:
+        """Account for `token`; emit it; True when `seq` has finished."""
         if token in self.loaded.eos_ids:
+            if out is not None and out.specs:
+                # The state that chose the end of turn is a position the model ran.
+                self.emit(P.States(rid=seq.rid, arrays=out.specs), out.buffers)
             self._finish(seq, "end_turn")
             return True
         seq.generated += 1
         seq.last_token = token
-        text = seq.detok.push(token)
-        if text:
-            self.emit(P.Token(rid=seq.rid, text=text, index=seq.generated - 1, t_emit=time.time()), [])
+        self._emit_token(seq, seq.detok.push(token), out)
         if seq.generated >= seq.max_tokens:
             self._finish(seq, "max_tokens")
             return True
         return False
 
+    def _emit_token(self, seq: Sequence, text: str, out: RowOut | None) -> None:
+        """The one place a generated token leaves the worker, with what its request asked for.
+
+        A token whose text the detokenizer holds back (part of a character)
+        still sends its states and lens now; its logprobs wait for the message
+        that carries its text, so each message's logprobs match its text.
+        """
+        if out is None:
+            if text:
+                self.emit(P.Token(rid=seq.rid, text=text, index=seq.generated - 1, t_emit=time.time()), [])
+            return
+        if out.logprob is not None:
+            seq.pending_logprobs.append(out.logprob)
+        logprobs = None
+        if text and seq.pending_logprobs:
+            logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        if text or out.specs or out.lens:
+            self.emit(P.Token(rid=seq.rid, text=text, index=seq.generated - 1, t_emit=time.time(),
+                              arrays=out.specs, logprobs=logprobs, lens=out.lens), out.buffers)
+
     def _finish(self, seq: Sequence, stop_reason: str) -> None:
         rest = seq.detok.flush()
-        if rest:
-            self.emit(P.Token(rid=seq.rid, text=rest, index=seq.generated - 1, t_emit=time.time()), [])
+        if rest or seq.pending_logprobs:
+            self.emit(P.Token(rid=seq.rid, text=rest, index=seq.generated - 1, t_emit=time.time(),
+                              logprobs=seq.pending_logprobs or None), [])
+            seq.pending_logprobs = []
         specs, buffers = [], []
-        for slot, keys in seq.slots.items():
+        for slot in seq.slots:
             vector = seq.hidden.get(slot)
             if vector is None:
                 continue
-            buffers.append(_raw_bytes(vector))
-            layer = -1 if slot == self.loaded.num_layers + 1 else slot
-            specs.append({"layer": layer, "keys": keys, "shape": [1, int(vector.shape[-1])], "dtype": self.dtype_name})
+            spec, buf = self.outputs.spec(seq, slot, vector[None], None)
+            specs.append(spec)
+            buffers.append(buf)
         self.emit(P.Final(
             rid=seq.rid,
             stop_reason=stop_reason,
@@ -296,14 +277,6 @@ def _zero_padding(cache: Any, mask: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = torch.where(keep, layer.keys, 0)
         layer.values = torch.where(keep, layer.values, 0)
-
-
-def _raw_bytes(vector: torch.Tensor) -> memoryview:
-    """The vector's bytes, little-endian, as they are in memory: no float lists."""
-    t = vector.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)  # numpy has no bfloat16; the bits travel as they are
-    return memoryview(np.ascontiguousarray(t.numpy()).data)
 
 
 def _cache_factory(loaded: LoadedModel) -> Callable[[], Any]:
