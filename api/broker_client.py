@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from loom import protocol as P
 from loom.curve import apply_curve_client
+from loom.logs import current_request_id
 
 log = logging.getLogger("loom.api")
 
@@ -62,6 +63,8 @@ class BrokerClient:
         self.broker_id: str | None = None
         self.last_pong = 0.0
         self._tasks: list[asyncio.Task] = []
+        # Sees each request sent and each frame handed out (api/metrics.py GenerationMetrics).
+        self.observer: Any = None
 
     @property
     def connected(self) -> bool:
@@ -124,9 +127,17 @@ class BrokerClient:
         for rid, queue in self.queues.items():
             queue.put_nowait((P.Error(rid=rid, type=error_type, message=message), []))
 
+    def abort_all(self, error_type: str, message: str) -> None:
+        """End every request in flight with an error, and tell the workers to stop on them."""
+        for rid in list(self.queues):
+            self.cancel(rid)
+        self._fail_all(error_type, message)
+
     # --- requests -------------------------------------------------------------------
 
     def _send(self, msg: P.Message) -> None:
+        if getattr(msg, "request_id", None) == "":
+            msg.request_id = current_request_id()  # type: ignore[attr-defined]
         # A zmq.asyncio socket does not raise EAGAIN here: it returns a future
         # that holds it, and a request nobody could send would wait forever.
         sent = self.sock.send_multipart(P.encode(msg), zmq.NOBLOCK)
@@ -153,11 +164,16 @@ class BrokerClient:
         queue: asyncio.Queue[Frame] = asyncio.Queue()
         self.queues[rid] = queue
         finished = False
+        observer = self.observer
         try:
             self._send(msg)
+            if observer is not None:
+                observer.sent(msg)
             while True:
                 frame = await queue.get()
-                if isinstance(frame[0], (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status)):
+                if observer is not None:
+                    observer.received(frame[0])
+                if isinstance(frame[0], (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status, P.PatchResult)):
                     finished = True
                 yield frame
                 if finished:
@@ -167,6 +183,8 @@ class BrokerClient:
             yield exc.as_msg(rid), []
         finally:
             self.queues.pop(rid, None)
+            if observer is not None:
+                observer.closed(rid)
             if not finished:
                 self.cancel(rid)
 

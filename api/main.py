@@ -21,22 +21,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-keys", type=Path, default=env("LOOM_CURVE_KEYS"),
                         help="key directory from `loom keys` for an encrypted broker connection")
     parser.add_argument("--curve-name", default=env("LOOM_CURVE_NAME", "client"), help="client key pair name")
+    parser.add_argument("--require-model", action="append", default=None,
+                        help="a model named at start: /health answers 503 \"starting\" until a live worker holds it "
+                             "(repeatable; env LOOM_REQUIRE_MODELS, comma-separated)")
+    parser.add_argument("--drain-timeout", type=float, default=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
+                        help="on SIGTERM, seconds running requests get to finish before they are ended "
+                             "(env LOOM_DRAIN_TIMEOUT; default %(default)g)")
     add_common_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging("api", args.log_level)
+    setup_logging("api", args.log_level, args.log_format)
     import uvicorn
 
     from api.app import create_app
-    from api.settings import Settings, read_api_key
+    from api.drain import DrainingServer
+    from api.settings import Settings, read_api_key, required_models_from_env
 
     settings = Settings(
         broker=args.broker,
         default_model=args.default_model,
         api_key=read_api_key(env("LOOM_API_KEY"), args.api_key_file),
         curve=argparse.Namespace(curve_keys=args.curve_keys, curve_name=args.curve_name) if args.curve_keys else None,
+        required_models=args.require_model or required_models_from_env(),
+        drain_timeout=args.drain_timeout,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=(args.log_level or "info").lower(),
-                access_log=False, timeout_graceful_shutdown=3)
+    app = create_app(settings)
+    # log_config=None: uvicorn's own lines go through Loom's handler (text or JSON, with request ids).
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=(args.log_level or "info").lower(),
+                            access_log=False, timeout_graceful_shutdown=3, log_config=None)
+    DrainingServer(config, app).run()
     return 0

@@ -17,10 +17,12 @@ from typing import Any
 import zmq
 
 from loom import protocol as P
+from loom.logs import request_context
+from loom.model_names import answers_to
 
 log = logging.getLogger("loom.broker")
 
-TERMINAL = (P.Final, P.Error, P.Loaded, P.Unloaded)
+TERMINAL = (P.Final, P.Error, P.Loaded, P.Unloaded, P.PatchResult)
 
 
 @dataclass
@@ -35,12 +37,14 @@ class Worker:
     active: int = 0
     last_seen: float = field(default_factory=time.monotonic)
     routes: set[str] = field(default_factory=set)
+    figures: dict[str, int] = field(default_factory=dict)  # running, waiting, kv_cache_bytes (heartbeats)
 
     def has_model(self, model: str) -> bool:
-        return any(m.get("model_id") == model for m in self.models)
+        return self.model_info(model) is not None
 
     def model_info(self, model: str) -> dict[str, Any] | None:
-        return next((m for m in self.models if m.get("model_id") == model), None)
+        # Any of a model's names will do: its id, the path it was given, its absolute path.
+        return next((m for m in self.models if answers_to(m, model)), None)
 
     @property
     def load(self) -> int:
@@ -49,7 +53,7 @@ class Worker:
     def describe(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "device": self.device, "host": self.host, "pid": self.pid,
                 "capacity": self.capacity, "active_requests": self.load, "generating": self.active,
-                "models": self.models,
+                "models": self.models, **self.figures,
                 "last_heartbeat_s": round(time.monotonic() - self.last_seen, 3)}
 
 
@@ -66,6 +70,7 @@ class Route:
     # An unload goes to every worker holding the model (`worker` is then
     # b"*"); the API gets its answer when the last of them has answered.
     unloading: set[bytes] = field(default_factory=set)
+    request_id: str = ""  # for log lines about it
 
     def served_by(self, identity: bytes) -> bool:
         return self.worker == identity or identity in self.unloading
@@ -108,6 +113,8 @@ class Broker:
         worker = self.workers.get(route.worker)
         if worker is not None:
             worker.routes.discard(rid)
+        with request_context(route.request_id):
+            log.info("request %s failed: %s", rid, error_type)
         self._to_api(route.api, P.Error(rid=rid, type=error_type, message=message))
 
     # --- frontend: requests from API processes -------------------------------------
@@ -121,15 +128,12 @@ class Broker:
             return
         if isinstance(msg, P.Ping):
             self._to_api(api, P.Pong(broker_id=self.broker_id))
+        elif isinstance(msg, (P.Generate, P.Patch, P.Load, P.Unload)):
+            with request_context(msg.request_id):
+                self._route(api, msg)
         elif isinstance(msg, P.StatusRequest):
             self._to_api(api, P.Status(rid=msg.rid, broker_id=self.broker_id,
                                        workers=[w.describe() for w in self.workers.values()]))
-        elif isinstance(msg, P.Generate):
-            self._route_generate(api, msg)
-        elif isinstance(msg, P.Load):
-            self._route_load(api, msg)
-        elif isinstance(msg, P.Unload):
-            self._route_unload(api, msg)
         elif isinstance(msg, P.Cancel):
             route = self.routes.get(msg.rid)
             if route is not None and route.api == api:  # only the API that asked may cancel
@@ -141,10 +145,26 @@ class Broker:
         else:
             log.warning("dropped an unexpected %s message from API %r", msg.kind, api[:32])
 
+    def _route(self, api: bytes, msg: P.Generate | P.Patch | P.Load | P.Unload) -> None:
+        if isinstance(msg, (P.Generate, P.Patch)):  # a patch goes where its model is, like a generation
+            self._route_generate(api, msg)
+        elif isinstance(msg, P.Load):
+            self._route_load(api, msg)
+        else:
+            self._route_unload(api, msg)
+        route = self.routes.get(msg.rid)
+        if route is not None:
+            route.request_id = msg.request_id
+            worker = self.workers.get(route.worker)
+            log.info("%s %s for %s -> %s", msg.kind, msg.rid, msg.model,
+                     worker.worker_id if worker else f"{len(route.unloading)} worker(s)")
+        else:
+            log.info("%s %s for %s answered by the broker", msg.kind, msg.rid, msg.model)
+
     def _candidates(self, device: str | None) -> list[Worker]:
         return [w for w in self.workers.values() if device is None or w.device == device]
 
-    def _route_generate(self, api: bytes, msg: P.Generate) -> None:
+    def _route_generate(self, api: bytes, msg: P.Generate | P.Patch) -> None:
         if msg.rid in self.routes:
             self._to_api(api, P.Error(rid=msg.rid, type=P.ErrorType.INVALID_REQUEST, message="duplicate request id"))
             return
@@ -189,6 +209,8 @@ class Broker:
                 self._assign(api, self.workers[route.worker], msg, f"load:{msg.model}")
                 return
         worker = min(candidates, key=lambda w: (len(w.models), w.load))
+        # Ids taken elsewhere: a same-named directory on that worker gets another id.
+        msg.reserved = {m["model_id"]: str(m.get("source", "")) for w in self.workers.values() for m in w.models}
         self._assign(api, worker, msg, f"load:{msg.model}")
 
     def _route_unload(self, api: bytes, msg: P.Unload) -> None:
@@ -224,6 +246,7 @@ class Broker:
         worker.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
             worker.active = msg.active
+            worker.figures = {"running": msg.running, "waiting": msg.waiting, "kv_cache_bytes": msg.kv_cache_bytes}
             if msg.models is not None:
                 worker.models = _valid_models(msg.models)
             return
@@ -234,7 +257,7 @@ class Broker:
         if isinstance(msg, P.Loaded) and not worker.has_model(msg.info.get("model_id", "")):
             worker.models = [*worker.models, *_valid_models([msg.info])]
         if isinstance(msg, P.Unloaded):
-            worker.models = [m for m in worker.models if m.get("model_id") != msg.model]
+            worker.models = [m for m in worker.models if not answers_to(m, msg.model)]
         if isinstance(msg, TERMINAL):
             route.unloading.discard(identity)
             if route.unloading:

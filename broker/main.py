@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging("broker", args.log_level)
+    setup_logging("broker", args.log_level, args.log_format)
     ctx = zmq.Context()
     auth = None
     sockets = []

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-keys", default=env("LOOM_CURVE_KEYS"), help="key directory from `loom keys`")
     parser.add_argument("--api-key-file", default=env("LOOM_API_KEY_FILE"), help="require this bearer key over HTTP")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own code")
+    parser.add_argument("--drain-timeout", type=float, default=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
+                        help="on SIGTERM, seconds running requests get to finish before they are ended with an "
+                             "error; then every process exits (env LOOM_DRAIN_TIMEOUT; default %(default)g)")
     add_common_arguments(parser)
 
 
@@ -100,13 +103,14 @@ def pick_devices(spec: str | None, workers: int | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging("serve", args.log_level)
+    setup_logging("serve", args.log_level, args.log_format)
     frontend = args.broker_frontend or f"tcp://127.0.0.1:{free_port()}"
     backend = args.broker_backend or f"tcp://127.0.0.1:{free_port()}"
     devices = pick_devices(args.device, args.workers)
     models = args.model or [DEFAULT_MODEL]
     py = [sys.executable, "-m", "loom"]
     common = ["--log-level", args.log_level] if args.log_level else []
+    common += ["--log-format", args.log_format] if args.log_format else []
     curve = ["--curve-keys", args.curve_keys] if args.curve_keys else []
     children = [Child("broker", [*py, "broker", "--frontend", frontend, "--backend", backend, *curve, *common], True)]
     cpu_workers = sum(1 for d in devices if d == "cpu")
@@ -128,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         children.append(Child(f"worker {i} ({device})", argv, True))
     default_model = os.path.basename(os.path.normpath(models[0])) if os.path.isdir(models[0]) else models[0]
     api = [*py, "api", "--host", args.host, "--port", str(args.port), "--broker", frontend,
-           "--default-model", default_model, *curve, *common]
+           "--default-model", default_model, "--drain-timeout", str(args.drain_timeout), *curve, *common]
+    for m in models:
+        api += ["--require-model", m]  # /health is 503 "starting" until each is loaded
     if args.api_key_file:
         api += ["--api-key-file", args.api_key_file]
     children.append(Child("api", api, True))
@@ -151,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.2)
             for child in children:
                 _supervise(child)
-            if not announced and _ready(url, default_model):
+            if not announced and _ready(url):
                 log.info("Loom is serving %s on %s (docs: %s/docs)", default_model, url, url)
                 announced = True
     finally:
-        _stop_all(children)
+        _stop_all(children, args.drain_timeout)
     return 0
 
 
@@ -177,27 +183,36 @@ def _supervise(child: Child) -> None:
     child.next_start = time.monotonic() + delay
 
 
-def _ready(url: str, model: str) -> bool:
+def _ready(url: str) -> bool:
+    """/health is 200 once every model named at start is loaded on a live worker."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-            return f'"model_id":"{model}"'.encode() in resp.read()
+            return resp.status == 200
     except Exception:
         return False
 
 
-def _stop_all(children: list[Child]) -> None:
-    log.info("stopping %d processes", len(children))
-    # The API first (no new requests), then workers, then the broker.
-    for child in reversed(children):
+def _stop_all(children: list[Child], drain_timeout: float) -> None:
+    # The API first: it drains (new requests get 503, running ones finish)
+    # while the workers and the broker still serve them; then workers, then the broker.
+    api = [c for c in children if c.name == "api"]
+    log.info("stopping %d processes: the API drains first (up to %gs)", len(children), drain_timeout)
+    _stop(api, drain_timeout + 10)
+    _stop([c for c in reversed(children) if c.name != "api"], 8)
+
+
+def _stop(children: list[Child], timeout: float) -> None:
+    for child in children:
         if child.proc and child.proc.poll() is None:
             child.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 8
+    deadline = time.monotonic() + timeout
     for child in children:
         if child.proc is None:
             continue
         try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            code = child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop; killing it", child.name)
             child.proc.kill()
-            child.proc.wait()
+            code = child.proc.wait()
+        log.info("%s exited with code %s", child.name, code)

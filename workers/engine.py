@@ -10,13 +10,18 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loom import protocol as P
+from loom.model_names import aliases_for, model_id_for
+from workers.figures import worker_figures
 from workers.model_store import LoadedModel, ModelLoadError, load_model, resolve_source
 from workers.outbox import Outbox
+from workers.patching import PatchJobs
+from workers.request_log import RequestLog
 from workers.runner import ModelRunner, RequestError
 
 log = logging.getLogger("loom.worker")
@@ -24,9 +29,25 @@ log = logging.getLogger("loom.worker")
 
 @dataclass
 class _LoadDone:
-    model: str
+    source: str
     loaded: LoadedModel | None
     error: ModelLoadError | None
+
+
+@dataclass
+class _Loading:
+    """A load under way: the id it will have, every name it answers to, who waits for it."""
+
+    model_id: str
+    names: list[str]
+    rids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Preload:
+    """A model the operator named at start: any local path is allowed."""
+
+    load: P.Load
 
 
 @dataclass
@@ -44,14 +65,18 @@ class Engine:
         self.trust_remote_code = trust_remote_code
         self.inbox: "queue.Queue[Any]" = queue.Queue()
         self.runners: dict[str, ModelRunner] = {}  # by model id
-        self._aliases: dict[str, str] = {}  # other names a model was loaded by (its path) -> model id
-        self._loading: dict[str, list[str]] = {}  # model -> rids waiting for it
+        self._aliases: dict[str, str] = {}  # every name a model answers to -> model id
+        self._loading: dict[str, _Loading] = {}  # by source
+        self.requests = RequestLog()
+        self.patches = PatchJobs(self._send)  # POST /patch jobs, one forward pass per loop
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
         # Read by the socket thread for heartbeats; each is replaced whole,
         # never mutated, so a read needs no lock.
         self.active = 0
         self.model_infos: list[dict[str, Any]] = []
+        self.figures: dict[str, int] = worker_figures(())
+        self._figures_at = 0.0
 
     def start(self) -> None:
         self.thread.start()
@@ -63,16 +88,16 @@ class Engine:
     def reset(self) -> None:
         self.inbox.put(_Reset())
 
-    def preload(self, model: str, dtype: str, allow_any_path: bool = True) -> None:
+    def preload(self, model: str, dtype: str) -> None:
         """Load a model named by the operator (any local path allowed)."""
-        self._start_load(P.Load(rid="", model=model, dtype=dtype), allow_any_path)
+        self.inbox.put(_Preload(P.Load(rid="", model=model, dtype=dtype)))
 
     # --- the loop ------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             busy = any(r.active for r in self.runners.values())
-            self._drain(block=not busy)
+            self._drain(block=not busy and not self.patches)
             for runner in list(self.runners.values()):
                 if runner.active:
                     try:
@@ -80,7 +105,12 @@ class Engine:
                     except Exception as exc:  # a model bug must not kill the worker
                         log.exception("step failed for %s", runner.loaded.model_id)
                         runner.fail_all(P.ErrorType.INTERNAL, f"generation failed: {exc}")
-            self.active = sum(r.active for r in self.runners.values())
+            if self.patches:  # between decode steps, so running streams wait at most one chunk
+                self.patches.step(shared=any(r.active for r in self.runners.values()))
+            self.active = sum(r.active for r in self.runners.values()) + len(self.patches)
+            now = time.monotonic()
+            if now - self._figures_at > 0.2:
+                self.figures, self._figures_at = worker_figures(self.runners.values()), now
 
     def _drain(self, block: bool) -> None:
         try:
@@ -98,7 +128,8 @@ class Engine:
     def _handle_safely(self, item: Any) -> None:
         # The engine thread is the worker: no single request may end it.
         try:
-            self._handle(item)
+            with self.requests.context(item):
+                self._handle(item)
         except Exception as exc:
             log.exception("could not handle a %s message", getattr(item, "kind", type(item).__name__))
             rid = getattr(item, "rid", None)
@@ -111,11 +142,15 @@ class Engine:
     def _handle(self, item: Any) -> None:
         if isinstance(item, P.Generate):
             self._generate(item)
+        elif isinstance(item, P.Patch):
+            self._patch(item)
         elif isinstance(item, P.Cancel):
-            if any(runner.cancel(item.rid) for runner in self.runners.values()):
-                log.info("cancelled %s", item.rid)
+            if any(runner.cancel(item.rid) for runner in self.runners.values()) or self.patches.cancel(item.rid):
+                self.requests.cancelled(item.rid)
         elif isinstance(item, P.Load):
             self._start_load(item, allow_any_path=False)
+        elif isinstance(item, _Preload):
+            self._start_load(item.load, allow_any_path=True)
         elif isinstance(item, P.Unload):
             self._unload(item)
         elif isinstance(item, _LoadDone):
@@ -123,8 +158,10 @@ class Engine:
         elif isinstance(item, _Reset):
             for runner in self.runners.values():
                 runner.fail_all(P.ErrorType.BROKER_LOST, "the broker restarted")
+            self.patches.fail(P.ErrorType.BROKER_LOST, "the broker restarted")
 
     def _send(self, msg: P.Message, buffers: list[Any] | None = None) -> None:
+        self.requests.emitted(msg)
         self.outbox.put(msg, buffers or [])
 
     def _generate(self, req: P.Generate) -> None:
@@ -142,57 +179,96 @@ class Engine:
         except RequestError as exc:
             self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
             return
+        self.requests.admitted(req)
+        self.active += 1
+
+    def _patch(self, req: P.Patch) -> None:
+        runner = self._runner(req.model)
+        if runner is None:
+            self._send(P.Error(rid=req.rid, type=P.ErrorType.MODEL_NOT_LOADED,
+                               message=f"model {req.model!r} is not loaded on this worker"))
+            return
+        try:
+            self.patches.add(runner.loaded, req)  # checks everything before any work
+        except RequestError as exc:
+            self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
+            return
+        self.requests.admitted(req)
         self.active += 1
 
     # --- loading ----------------------------------------------------------------
 
     def _start_load(self, req: P.Load, allow_any_path: bool) -> None:
-        model = req.model
-        runner = self._runner(model)
+        runner = self._runner(req.model)
+        pending = next((p for p in self._loading.values() if req.model in p.names), None)
+        if runner is None and pending is None:
+            try:
+                source = resolve_source(req.model, self.model_dirs, allow_any_path)
+            except ModelLoadError as exc:
+                self._refuse(req, exc)
+                return
+            # The same directory under another spelling is the same model.
+            runner = next((r for r in self.runners.values() if r.loaded.source == source), None)
+            pending = self._loading.get(source)
+            if runner is None and pending is None:
+                taken = {**req.reserved, **{p.model_id: src for src, p in self._loading.items()},
+                         **{r.loaded.model_id: r.loaded.source for r in self.runners.values()}}
+                model_id = model_id_for(source, req.model, taken)
+                pending = self._loading[source] = _Loading(model_id, aliases_for(req.model, source, model_id))
+                threading.Thread(target=self._load, args=(req, source), name=f"load-{model_id}", daemon=True).start()
         if runner is not None:
+            self._add_alias(runner, req.model)
             if req.rid:
                 self._send(P.Loaded(rid=req.rid, info=runner.loaded.info()))
             return
-        waiting = self._loading.get(model)
-        if waiting is not None:
-            waiting.append(req.rid)
-            return
-        self._loading[model] = [req.rid]
-        threading.Thread(target=self._load, args=(req, allow_any_path), name=f"load-{model}", daemon=True).start()
+        assert pending is not None
+        if req.model not in pending.names:
+            pending.names.append(req.model)
+        pending.rids.append(req.rid)
 
-    def _load(self, req: P.Load, allow_any_path: bool) -> None:
+    def _refuse(self, req: P.Load, exc: ModelLoadError) -> None:
+        log.warning("could not load %s: %s", req.model, exc)
+        if req.rid:
+            self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
+
+    def _add_alias(self, runner: ModelRunner, name: str) -> None:
+        lm = runner.loaded
+        if name not in lm.aliases:
+            lm.aliases.append(name)
+            self._aliases[name] = lm.model_id
+            self._refresh_infos()
+
+    def _load(self, req: P.Load, source: str) -> None:
         log.info("loading %s (dtype %s) on %s", req.model, req.dtype, self.device)
         try:
-            source = resolve_source(req.model, self.model_dirs, allow_any_path)
-            loaded = load_model(_model_id(req.model, source, allow_any_path), source, req.dtype, self.device,
-                                self.trust_remote_code)
-            self.inbox.put(_LoadDone(req.model, loaded, None))
+            done = _LoadDone(source, load_model(req.model, source, req.dtype, self.device, self.trust_remote_code), None)
         except ModelLoadError as exc:
-            self.inbox.put(_LoadDone(req.model, None, exc))
+            done = _LoadDone(source, None, exc)
         except Exception as exc:  # anything else from transformers or torch
             log.exception("loading %s failed", req.model)
-            self.inbox.put(_LoadDone(req.model, None, ModelLoadError(P.ErrorType.MODEL_LOAD_FAILED,
-                                                                     f"could not load {req.model!r}: {exc}")))
+            done = _LoadDone(source, None, ModelLoadError(P.ErrorType.MODEL_LOAD_FAILED,
+                                                          f"could not load {req.model!r}: {exc}"))
+        self.inbox.put(done)
 
     def _finish_load(self, done: _LoadDone) -> None:
-        rids = self._loading.pop(done.model, [])
-        if done.loaded is not None:
-            lm = done.loaded
-            self.runners[lm.model_id] = ModelRunner(lm, self._send)
-            if lm.model_id != done.model:
-                self._aliases[done.model] = lm.model_id
-            log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers)", lm.model_id, lm.source,
-                     self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers)
-            self._refresh_infos()
-            for rid in rids:
-                if rid:
-                    self._send(P.Loaded(rid=rid, info=lm.info()))
-        else:
+        pending = self._loading.pop(done.source)
+        rids = [rid for rid in pending.rids if rid]
+        if done.loaded is None:
             assert done.error is not None
-            log.warning("could not load %s: %s", done.model, done.error)
+            log.warning("could not load %s: %s", pending.names[0], done.error)
             for rid in rids:
-                if rid:
-                    self._send(P.Error(rid=rid, type=done.error.error_type, message=str(done.error)))
+                self._send(P.Error(rid=rid, type=done.error.error_type, message=str(done.error)))
+            return
+        lm = done.loaded
+        lm.model_id, lm.aliases = pending.model_id, pending.names
+        self.runners[lm.model_id] = ModelRunner(lm, self._send)
+        self._aliases.update((name, lm.model_id) for name in lm.aliases)
+        log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; also known as %s)", lm.model_id,
+                 lm.source, self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers,
+                 ", ".join(lm.aliases[1:]) or "nothing else")
+        self._refresh_infos()
+        for rid in rids:
+            self._send(P.Loaded(rid=rid, info=lm.info()))
 
     def _unload(self, req: P.Unload) -> None:
         runner = self._runner(req.model)
@@ -201,6 +277,7 @@ class Engine:
             return
         runner.fail_all(P.ErrorType.MODEL_NOT_LOADED, f"model {req.model!r} was unloaded")
         model_id = runner.loaded.model_id
+        self.patches.fail(P.ErrorType.MODEL_NOT_LOADED, f"model {req.model!r} was unloaded", model_id)
         del self.runners[model_id]
         self._aliases = {k: v for k, v in self._aliases.items() if v != model_id}
         del runner
@@ -211,13 +288,6 @@ class Engine:
 
     def _refresh_infos(self) -> None:
         self.model_infos = [runner.loaded.info() for runner in self.runners.values()]
-
-
-def _model_id(requested: str, source: str, from_operator: bool) -> str:
-    """Operator-given paths are known by their directory name (models/loom-tiny -> loom-tiny)."""
-    if from_operator and Path(source).is_dir():
-        return Path(source).name
-    return requested
 
 
 def _free_memory(device: str) -> None:

@@ -80,6 +80,14 @@ class BatchCache:
         return 0 if self.mask is None else self.mask.shape[1]
 
     @property
+    def nbytes(self) -> int:
+        """Memory held for keys and values, the spare columns included (read for /metrics)."""
+        cache = self.cache
+        if cache is None:
+            return 0
+        return sum(layer._k.nbytes + layer._v.nbytes for layer in cache.layers)
+
+    @property
     def padded(self) -> bool:
         """Whether any row has padding; without it the model needs no mask."""
         return self._padded

@@ -56,7 +56,7 @@ def model_dirs(args: argparse.Namespace) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    setup_logging(f"worker:{args.device}", args.log_level)
+    setup_logging(f"worker:{args.device}", args.log_level, args.log_format)
     import torch
 
     from workers.engine import Engine
@@ -117,7 +117,7 @@ class SocketLoop:
         poller.register(self.outbox.fileno, zmq.POLLIN)
         self._register()
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
-        known_models = 0
+        known_models: list = []
         while not self.stopping:
             timeout = max(0.0, next_beat - time.monotonic())
             events = dict(poller.poll(timeout * 1000))
@@ -130,11 +130,11 @@ class SocketLoop:
             if self.sock in events:
                 self._receive()
             now = time.monotonic()
-            if now >= next_beat or len(self.engine.model_infos) != known_models:
+            if now >= next_beat or self.engine.model_infos is not known_models:
                 # A changed model list is announced at once, not at the next beat.
-                known_models = len(self.engine.model_infos)
+                known_models = self.engine.model_infos
                 self._send(P.Heartbeat(sender=self.worker_id, active=self.engine.active,
-                                       models=self.engine.model_infos))
+                                       models=self.engine.model_infos, **self.engine.figures))
                 next_beat = now + P.HEARTBEAT_INTERVAL_S
         log.info("worker %s stopping", self.worker_id)
         self.engine.stop()
@@ -154,7 +154,7 @@ class SocketLoop:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
             self.last_heard = time.monotonic()
-            if isinstance(msg, (P.Generate, P.Cancel, P.Load, P.Unload)):
+            if isinstance(msg, (P.Generate, P.Patch, P.Cancel, P.Load, P.Unload)):
                 self.engine.inbox.put(msg)
             elif isinstance(msg, P.Reregister):
                 log.warning("broker %s does not know this worker (restarted?): dropping in-flight work, registering",

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class LoadedModel:
     # transformers >= 5.2x, "past_key_values" before).
     cache_kwarg: str = "past_key_values"
     accepts_logits_to_keep: bool = False
+    aliases: list[str] = field(default_factory=list)  # every name it answers to (loom/model_names.py)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -70,15 +71,17 @@ class LoadedModel:
             "load_time_seconds": round(self.load_time_s, 3),
             "loader_type": "transformers",
             "source": self.source,
+            "aliases": self.aliases or [self.model_id],
         }
 
 
 def resolve_source(model: str, model_dirs: list[Path], allow_any_path: bool = False) -> str:
     """Where to load `model` from: a directory path, or a hub id.
 
-    A bare name found in a model directory wins over the hub. Paths are
-    accepted only inside a model directory (or anywhere when the operator
-    named the model on the command line: `allow_any_path`).
+    A bare name found in a model directory wins over the hub. Paths
+    (absolute, or relative to this worker's directory) are accepted only
+    inside a model directory (or anywhere when the operator named the model
+    on the command line: `allow_any_path`).
     """
     model = model.strip()
     if not model:
@@ -87,10 +90,10 @@ def resolve_source(model: str, model_dirs: list[Path], allow_any_path: bool = Fa
         return str(Path(model).expanduser().resolve())
     for root in model_dirs:
         root = root.resolve()
-        candidate = (root / model).resolve()
-        # `..` or an absolute path could escape the directory: refuse those.
-        if candidate != root and root in candidate.parents and (candidate / "config.json").is_file():
-            return str(candidate)
+        # `..` or a symlink could escape the directory: only what resolves inside it counts.
+        for candidate in ((root / model).resolve(), Path(model).resolve()):
+            if candidate != root and root in candidate.parents and (candidate / "config.json").is_file():
+                return str(candidate)
     if os.sep in model.replace("/", "", 1) or model.startswith((".", "/", "~")) or ".." in model:
         raise ModelLoadError(
             "model_not_found",
