@@ -91,6 +91,7 @@ class PatchJob:
         self.started = time.perf_counter()
         self._new_cache = _cache_factory(lm)
 
+    @torch.inference_mode()
     def step(self, shared: bool) -> bool:
         """One forward pass; True once the answer has been sent."""
         if self.generation is not None:
@@ -314,7 +315,6 @@ class PatchJobs:
         """Checks the request (raises RequestError) and queues it."""
         self.jobs.append(PatchJob(lm, req, self.emit))
 
-    @torch.inference_mode()
     def step(self, shared: bool) -> None:
         """One forward pass of the next job (round robin)."""
         job = self.jobs.pop(0)
