@@ -15,8 +15,6 @@ count that token either); otherwise every row runs every step.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.baseline import JsonLineProcess  # noqa: E402
 from bench.common import MESSAGES  # noqa: E402
 from workers.model_store import _eos_ids  # noqa: E402
 
@@ -107,33 +106,14 @@ def bare_main(path: str, threads: int) -> None:
             print(json.dumps(run(**json.loads(line))), flush=True)
 
 
-class BareLoop:
+class BareLoop(JsonLineProcess):
     """Handle on a persistent bare-loop process."""
 
     def __init__(self, path: str, threads: int):
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), path, str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        self.info = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the bare loop exited ({self.proc.poll()})")
-        return json.loads(line)
+        super().__init__([str(Path(__file__).resolve()), path, str(threads)])
 
     def run(self, **kw: Any) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps(kw) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=10)
-        except Exception:
-            self.proc.kill()
-            self.proc.wait()
+        return self.ask(json.dumps(kw))
 
 
 if __name__ == "__main__":

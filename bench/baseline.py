@@ -61,28 +61,25 @@ def baseline_main(path: str, threads: int) -> None:
             torch.set_num_threads(threads)
 
 
-class Baseline:
-    """Handle on a persistent baseline subprocess (see baseline_main)."""
+class JsonLineProcess:
+    """A persistent helper process that answers each line on its stdin with one JSON line.
 
-    def __init__(self, path: str, threads: int):
-        self.proc = subprocess.Popen([sys.executable, str(ENTRY), "--_baseline", path,
-                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    Its first line (read here, kept as .info) says it is ready.
+    """
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.info = self._read()
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"the baseline process exited ({self.proc.poll()})")
+            raise RuntimeError(f"{type(self).__name__}: the process exited ({self.proc.poll()})")
         return json.loads(line)
 
-    def run(self, tokens: int) -> dict[str, Any]:
-        self.proc.stdin.write(f"run {tokens}\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def probe(self) -> dict[str, Any]:
-        self.proc.stdin.write("probe\n")
+    def ask(self, line: str) -> dict[str, Any]:
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -93,6 +90,19 @@ class Baseline:
         except Exception:
             self.proc.kill()
             self.proc.wait()
+
+
+class Baseline(JsonLineProcess):
+    """Handle on a persistent baseline subprocess (see baseline_main)."""
+
+    def __init__(self, path: str, threads: int):
+        super().__init__([str(ENTRY), "--_baseline", path, "--threads", str(threads)])
+
+    def run(self, tokens: int) -> dict[str, Any]:
+        return self.ask(f"run {tokens}")
+
+    def probe(self) -> dict[str, Any]:
+        return self.ask("probe")
 
 
 def contention_probe(torch, threads: int) -> dict[str, float]:

@@ -116,6 +116,16 @@ def run_json_subprocess(argv: list[str], timeout: float) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def make_models(names: list[str], cache: Path) -> dict[str, Any] | None:
+    """{"models": {name: info}, "torch": version} from the entry point's model-making mode; None (logged) on failure."""
+    log(f"making models {names} under {cache} (cached after the first run)")
+    try:
+        return run_json_subprocess(["--_make-models", *names, "--cache-dir", str(cache)], timeout=900)
+    except Exception as exc:
+        log(f"could not make the models: {exc}")
+        return None
+
+
 def write_json(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str))

@@ -37,8 +37,8 @@ from bench import profiling  # noqa: E402
 from bench.bare_loop import BareLoop  # noqa: E402
 from bench.baseline import Baseline  # noqa: E402
 from bench.clients import _sse_stream, stream_stats  # noqa: E402
-from bench.common import (BIG, DEFAULT_CACHE, SMALL, loadavg, log, machine_info, med, rnd,  # noqa: E402
-                          run_json_subprocess, write_json)
+from bench.common import (BIG, DEFAULT_CACHE, SMALL, loadavg, log, machine_info, make_models, med, rnd,  # noqa: E402
+                          write_json)
 from bench.stack import Stack  # noqa: E402
 
 
@@ -241,10 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     r: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
                          "loadavg_start": loadavg(), "threads": threads,
                          "args": {k: v for k, v in vars(args).items() if k not in ("cache_dir", "out")}}
-    try:
-        made = run_json_subprocess(["--_make-models", *names, "--cache-dir", str(args.cache_dir)], timeout=900)
-    except Exception as exc:
-        log(f"could not make the models: {exc}")
+    made = make_models(names, args.cache_dir)
+    if made is None:
         return 3
     infos = made["models"]
     for name in names:

@@ -34,8 +34,8 @@ if str(REPO) not in sys.path:
 from bench.baseline import Baseline, baseline_main, contention_probe  # noqa: E402,F401
 from bench.clients import ZClient, _many, _sse_stream, http_streams, stream_stats  # noqa: E402,F401
 from bench.common import (BENCH, BIG, DEFAULT_CACHE, DEFAULT_OUT, MESSAGES, MODELS, SMALL, free_port,  # noqa: E402,F401
-                          loadavg, log, machine_info, med, pct, proc_cpu_ns, rnd, run_json_subprocess, watch_cpu,
-                          write_json)
+                          loadavg, log, machine_info, make_models, med, pct, proc_cpu_ns, rnd, run_json_subprocess,
+                          watch_cpu, write_json)
 from bench.figures import build_table, print_table  # noqa: E402,F401
 from bench.make_models import _big_tokenizer, make_models_main  # noqa: E402,F401
 from bench.measures import (bench_cancel, bench_concurrency, bench_hidden_rss, bench_http_twin,  # noqa: E402,F401
@@ -93,11 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
 
-    log(f"making models {names} under {args.cache_dir} (cached after the first run)")
-    try:
-        made = run_json_subprocess(["--_make-models", *names, "--cache-dir", str(args.cache_dir)], timeout=900)
-    except Exception as exc:
-        log(f"could not make the models: {exc}")
+    made = make_models(names, args.cache_dir)
+    if made is None:
         return 3
     infos = made["models"]
     results["machine"].update({"torch": made["torch"], "baseline_threads": threads,

@@ -108,7 +108,7 @@ def _draw(weights: torch.Tensor, top_ps: torch.Tensor, uniforms) -> torch.Tensor
 
 
 def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column index [rows, 1] where each uniform in [0, 1) lands in its row's cumulative weights, and the mass [rows, 1]."""
+    """Where each uniform in [0, 1) lands in its row's cumulative weights: column index [rows, 1], and the mass [rows, 1]."""
     cdf = weights.cumsum(dim=-1)
     mass = cdf[:, -1:]
     # Strictly below the mass: the first cdf entry above the target then
