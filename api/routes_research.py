@@ -30,9 +30,10 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 
 MAX_TEXTS = 256
 MAX_PROMPTS = 100
-# Requests of one batch in flight at once: enough to fill the worker's
-# prefill groups, few enough to leave the server's capacity to others.
-WINDOW = 32
+# Requests of one batch in flight at once: a worker's default capacity, so
+# a batch reaches the worker in one burst and is prefilled in full groups;
+# entries that find the server full wait (OVERLOAD_PATIENCE_S) and retry.
+WINDOW = 64
 # How long an entry of an accepted batch keeps retrying while every worker is at capacity.
 OVERLOAD_PATIENCE_S = 60.0
 

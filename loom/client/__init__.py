@@ -15,11 +15,17 @@ from loom.client.models import (
     LoadResult,
     MessageDelta,
     ModelsList,
+    HiddenStates,
+    LogitLens,
     StreamEvent,
     TextDelta,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     parse_stream_event,
 )
+from loom.client.patching import PatchedRun, PatchResult, PatchRun
+from loom.client.research import BatchError, GenerateBatchResult
 from loom.client.sse import ServerSentEvent, SSEDecoder, aiter_sse, iter_sse
 from loom.client.streams import AsyncEventStream, EventStream
 
@@ -43,6 +49,15 @@ __all__ = [
     "LoomStreamError",
     "MessageDelta",
     "ModelsList",
+    "HiddenStates",
+    "LogitLens",
+    "TokenLogprob",
+    "TopLogprob",
+    "BatchError",
+    "GenerateBatchResult",
+    "PatchResult",
+    "PatchRun",
+    "PatchedRun",
     "SSEDecoder",
     "ServerSentEvent",
     "StreamEvent",

@@ -21,8 +21,11 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from loom.client.analysis import AnalysisMethods, AsyncAnalysisMethods
 from loom.client.errors import LoomConnectionError, LoomHTTPError, LoomProtocolError, LoomStreamError
 from loom.client.models import ChatResult, GenerateResult, Health, LoadResult, ModelsList
+from loom.client.patching import AsyncPatchMixin, PatchMixin
+from loom.client.research import AsyncResearchMethods, ResearchMethods, research_fields
 from loom.client.streams import AsyncEventStream, EventStream
 
 __all__ = ["DEFAULT_URL", "LoomClient", "AsyncLoomClient"]
@@ -68,7 +71,7 @@ def _generation_fields(
         body["return_hidden_states"] = True
     if stream:
         body["stream"] = True
-    body.update(extra)
+    body.update(research_fields(extra))  # hidden_state_positions, logprobs, logit_lens, steering, ...
     return body
 
 
@@ -196,7 +199,7 @@ def _timeout(connect_timeout: float | None, read_timeout: float | None) -> httpx
 # --- the sync client ---------------------------------------------------------
 
 
-class LoomClient:
+class LoomClient(PatchMixin, AnalysisMethods, ResearchMethods):
     """A blocking client for one Loom server."""
 
     def __init__(
@@ -358,7 +361,7 @@ class LoomClient:
 # --- the async client --------------------------------------------------------
 
 
-class AsyncLoomClient:
+class AsyncLoomClient(AsyncPatchMixin, AsyncAnalysisMethods, AsyncResearchMethods):
     """The asyncio twin of `LoomClient`; the same methods, awaited. Stream
     methods return an `AsyncEventStream` to use with `async with`."""
 

@@ -26,6 +26,10 @@ __all__ = [
     "ChatResult",
     "GenerateResult",
     "TextDelta",
+    "TokenLogprob",
+    "TopLogprob",
+    "HiddenStates",
+    "LogitLens",
     "MessageDelta",
     "ErrorEvent",
     "StreamEvent",
@@ -51,23 +55,28 @@ class HiddenState(_Shape):
     base64 bytes) in /generate. `values()` reads whichever is present.
     """
 
-    final: list[float] | None = None
-    vector: list[float] | None = None
-    data: list[float] | str | None = None
+    final: list[float] | str | None = None
+    vector: list[float] | list[list[float]] | str | None = None
+    data: list[float] | list[list[float]] | str | None = None
     shape: list[int] = []
     layer: int | None = None
     dtype: str | None = None
     encoding: str | None = None
 
     def values(self) -> list[float]:
-        for numbers in (self.final, self.vector):
-            if numbers is not None:
-                return numbers
-        if isinstance(self.data, list):
-            return self.data
-        if isinstance(self.data, str):
-            return _decode_base64(self.data, self.dtype or "float32")
+        """Every number, row after row for an [n, H] array."""
+        for numbers in (self.final, self.vector, self.data):
+            if isinstance(numbers, str):
+                return _decode_base64(numbers, self.dtype or "float32")
+            if numbers:
+                return [v for row in numbers for v in row] if isinstance(numbers[0], list) else numbers
         return []
+
+    def array(self) -> Any:
+        """The array as numpy float32 in its `shape` ([1, H] or [n, H]); base64 is read with np.frombuffer."""
+        from loom.client.research import decode_array
+
+        return decode_array(self)
 
     def l2_norm(self) -> float:
         return math.sqrt(math.fsum(v * v for v in self.values()))
@@ -111,19 +120,29 @@ class LoadResult(LoadedModel):
     loader_type: str | None = None
 
 
-class ChatResult(_Shape):
+class _Arrays(_Shape):
+    hidden_states: dict[str, HiddenState] | None = None
+
+    def arrays(self) -> dict[int, Any]:
+        """layer -> numpy float32 array ([n, H]) of `hidden_states`."""
+        return {int(k): v.array() for k, v in (self.hidden_states or {}).items()}
+
+
+class ChatResult(_Arrays):
     text: str
     usage: Usage = Usage()
     hidden_state: HiddenState | None = None
-    hidden_states: dict[str, HiddenState] | None = None
     metadata: dict[str, Any] = {}
+    logprobs: list["TokenLogprob"] | None = None
+    logit_lens: list[dict[str, list["TopLogprob"]]] | None = None
 
 
-class GenerateResult(_Shape):
+class GenerateResult(_Arrays):
     text: str
     token_count: int | None = None
-    hidden_states: dict[str, HiddenState] | None = None
     metadata: dict[str, Any] = {}
+    logprobs: list["TokenLogprob"] | None = None
+    logit_lens: list[dict[str, list["TopLogprob"]]] | None = None
 
 
 # --- stream events -----------------------------------------------------------
@@ -134,11 +153,25 @@ class _TextDeltaBody(_Shape):
     text: str = ""
 
 
+class TopLogprob(_Shape):
+    token_id: int
+    token: str = ""
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-probability (raw logits, float32) and its most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = []
+
+
 class TextDelta(_Shape):
-    """`content_block_delta`: one generated token's text."""
+    """`content_block_delta`: one generated token's text (and, when asked, the
+    logprobs of the tokens whose text it carries)."""
 
     type: Literal["content_block_delta"] = "content_block_delta"
     delta: _TextDeltaBody
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def text(self) -> str:
@@ -184,12 +217,35 @@ class ErrorEvent(_Shape):
         return self.error.message
 
 
-StreamEvent = Union[TextDelta, MessageDelta, ErrorEvent]
+class HiddenStates(_Shape):
+    """`hidden_states`: the states at one position, every asked layer ([1, H] each)."""
+
+    type: Literal["hidden_states"] = "hidden_states"
+    position: int
+    token_index: int | None = None  # the generated token this state predicted (None: a prompt position)
+    hidden_states: dict[str, HiddenState] = {}
+
+    def arrays(self) -> dict[int, Any]:
+        """layer -> numpy float32 vector [H]."""
+        return {int(k): v.array().reshape(-1) for k, v in self.hidden_states.items()}
+
+
+class LogitLens(_Shape):
+    """`logit_lens`: for generated token `token_index`, each layer's top tokens."""
+
+    type: Literal["logit_lens"] = "logit_lens"
+    token_index: int
+    layers: dict[str, list[TopLogprob]] = {}
+
+
+StreamEvent = Union[TextDelta, MessageDelta, ErrorEvent, HiddenStates, LogitLens]
 
 _EVENT_TYPES: dict[str, type[BaseModel]] = {
     "content_block_delta": TextDelta,
     "message_delta": MessageDelta,
     "error": ErrorEvent,
+    "hidden_states": HiddenStates,
+    "logit_lens": LogitLens,
 }
 
 
@@ -215,3 +271,8 @@ def parse_stream_event(sse: ServerSentEvent) -> StreamEvent | None:
             f"the server sent a malformed {name} event: {sse.data[:200]!r}",
             error_type="protocol_error",
         ) from exc
+
+
+# Results name the logprob models defined after them.
+ChatResult.model_rebuild()
+GenerateResult.model_rebuild()
