@@ -68,6 +68,9 @@ def test_api_key_required_everywhere_but_health(keyed_stack: Stack, auth):
             ("POST", CHAT, {"model": TOY, "messages": user("hi"), "max_tokens": 2}),
             ("POST", CHAT, {"model": TOY, "messages": user("hi"), "max_tokens": 2, "stream": True}),
             ("POST", "/generate", {"model": TOY, "prompt": "hi", "max_tokens": 2}),
+            ("POST", "/analyze/geometry", {"vectors": [[1.0], [2.0], [4.0]]}),
+            ("POST", "/analyze/bilateral", {"sender_vectors": [[1.0], [2.0], [4.0]],
+                                            "receiver_vectors": [[1.0], [3.0], [4.0]]}),
         ]
         for method, path, body in requests:
             r = client.request(method, path, json=body)
@@ -90,6 +93,8 @@ def test_api_key_accepted(keyed_stack: Stack):
         assert r.json()["usage"]["completion_tokens"] == 2
         r = client.post("/generate", json={"model": TOY, "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200, r.text
+        r = client.post("/analyze/geometry", json={"vectors": [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]})
+        assert r.status_code == 200 and r.json()["num_vectors"] == 3, r.text
         with client.stream("POST", CHAT, json={"model": TOY, "messages": user("hi"), "max_tokens": 2,
                                                "stream": True}) as r:
             assert r.status_code == 200

@@ -58,7 +58,8 @@ def check_vectors(field: str, value: Any) -> np.ndarray:
     # Without a dtype numpy keeps what JSON gave: numbers become int or float,
     # anything else (strings, null, booleans, objects) another kind.
     if array is None or array.ndim != 2 or array.dtype.kind not in "iuf":
-        raise InputError(field, "every vector must be a list of numbers (no strings, null, booleans or nested lists)")
+        raise InputError(field, "every vector must be a list of numbers (no strings, booleans, nested lists, or null, "
+                                "which is how some encoders write NaN)")
     array = array.astype(np.float64, copy=False)
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
