@@ -5,6 +5,7 @@ import asyncio
 import json
 import subprocess
 import time
+import uuid
 
 import httpx
 
@@ -176,17 +177,25 @@ def test_disconnect_stops_generation(stack):
     def generating() -> int:
         return sum(w["generating"] for w in stack.workers())
 
-    with stack.client() as client:
+    request_id = f"hang-up-{uuid.uuid4().hex}"
+    with stack.client(headers={"X-Request-Id": request_id}) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as r:
             events = sse_events(r)
             for _ in range(5):
                 assert next(events).name == "content_block_delta"
-            wait_until(lambda: generating() >= 1, 5, 0.05, "the worker to report the stream")
-        # The client hung up after 5 tokens: the worker must stop soon, not after 6000 tokens.
-        stopped_at = time.perf_counter()
-        wait_until(lambda: generating() == 0, 2, 0.05, "the worker to stop generating")
-        assert time.perf_counter() - stopped_at < 2
-    assert "cancelled" in stack.log()
+            wait_until(lambda: generating() >= 1, 60, 0.05, "the worker to report the stream")
+        # The client hung up after 5 tokens: the worker stops on a cancel, not after 6000 tokens.
+        # (Judged by what ended the request, not by a clock: the machine may be busy.)
+        wait_until(lambda: generating() == 0, 60, 0.05, "the worker to stop generating")
+    assert_cancelled(stack, request_id)
+
+
+def assert_cancelled(stack, request_id: str) -> None:
+    """The worker's log says the request was cancelled, and never that it finished."""
+    lines = wait_until(lambda: [x for x in stack.log().splitlines() if f"[{request_id}]" in x and "worker" in x
+                                and "cancelled" in x], 30, 0.05, "the worker's cancel line")
+    assert lines
+    assert not [x for x in stack.log().splitlines() if f"[{request_id}]" in x and " finished: " in x]
 
 
 def test_non_streaming_client_that_hangs_up_cancels_too(stack):
@@ -195,11 +204,14 @@ def test_non_streaming_client_that_hangs_up_cancels_too(stack):
 
     wait_until(lambda: generating() == 0, 10, 0.05, "an idle worker")
     body = {"model": TOY, "messages": user("Go on forever."), "max_tokens": 6000, "temperature": 0}
-    with httpx.Client(base_url=stack.url, timeout=httpx.Timeout(1.5, connect=5)) as client:
+    request_id = f"hang-up-{uuid.uuid4().hex}"
+    with httpx.Client(base_url=stack.url, timeout=httpx.Timeout(1.5, connect=5),
+                      headers={"X-Request-Id": request_id}) as client:
         try:
             client.post("/v1/chat/completions", json=body)
             raise AssertionError("6000 tokens should take longer than the client waits")
         except httpx.ReadTimeout:
             pass  # the client gives up and closes its connection
-    # 6000 tokens take several seconds; heartbeats report within 0.5 s.
-    wait_until(lambda: generating() == 0, 2, 0.05, "the worker to stop generating")
+    # Greedy on the toy model: 6000 tokens, never fewer. The request must end by a cancel.
+    wait_until(lambda: generating() == 0, 60, 0.05, "the worker to stop generating")
+    assert_cancelled(stack, request_id)

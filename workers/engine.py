@@ -109,7 +109,7 @@ class Engine:
                 self.patches.step(shared=any(r.active for r in self.runners.values()))
             self.active = sum(r.active for r in self.runners.values()) + len(self.patches)
             now = time.monotonic()
-            if now - self._figures_at > 0.2:
+            if now - self._figures_at > 0.2 or not self.active:  # an emptied batch shows at once
                 self.figures, self._figures_at = worker_figures(self.runners.values()), now
 
     def _drain(self, block: bool) -> None:
