@@ -39,6 +39,7 @@ FUZZ_MAX_TOKENS = 4  # longest generation a fuzzed request may ask for
 OPERATIONS = [
     ("GET", "/health"),
     ("GET", "/models"),
+    ("GET", "/metrics"),
     ("POST", "/models/load"),
     ("DELETE", "/models/{model_id}"),
     ("POST", "/v1/chat/completions"),
