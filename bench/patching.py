@@ -9,7 +9,9 @@ forwards one at a time (batch 1, forward hooks, `logits_to_keep=1`) and is
 timed over those 48 forwards only. Runs alternate (baseline, server, ...) so
 both see the same background load; the figure is the median of the per-pair
 ratios server / baseline (target <= 0.6). The two sides' logit differences
-are compared too (they must agree to 1e-3).
+are compared too (they must agree to 1e-3), for an answer pair the baseline
+picks so that they are not 0 by construction (the clean run's top token, the
+corrupted run's best other token).
 
 Also measured: while a sweep runs, a streaming request's largest gap between
 two tokens, next to its median gap alone: how long a sweep holds up a stream.
@@ -63,15 +65,32 @@ def baseline_main(path: str, threads: int) -> None:
     model, blocks = lm.model, decoder_blocks(lm)
     runs = [(layer, c) for layer in range(lm.num_layers) for c in COMPONENTS]
 
+    def one_token(ranked: torch.Tensor, unlike: str | None = None) -> str:
+        """The best-ranked token whose text is that one token again (and not `unlike`)."""
+        for token in ranked.tolist():
+            text = lm.tokenizer.decode([token])
+            if text != unlike and lm.tokenizer(text, add_special_tokens=False)["input_ids"] == [token]:
+                return text
+        raise RuntimeError("no token survives decode and encode")
+
+    @torch.inference_mode()
+    def answers(name: str) -> tuple[str, str]:
+        """The clean run's top token, and the corrupted run's best other one: a logit difference that is
+        not 0 by construction (the random model's two prompts may share their top token)."""
+        clean, corrupted = (torch.tensor([lm.tokenizer(p)["input_ids"]]) for p in PROMPTS[name])
+        answer = one_token(model(input_ids=clean).logits[0, -1].argsort(descending=True))
+        return answer, one_token(model(input_ids=corrupted).logits[0, -1].argsort(descending=True), unlike=answer)
+
+    chosen = {name: answers(name) for name in PROMPTS}
+
     @torch.inference_mode()
     def sweep(name: str) -> dict[str, Any]:
         clean, corrupted = (torch.tensor([lm.tokenizer(p)["input_ids"]]) for p in PROMPTS[name])
         positions = torch.arange(clean.shape[1])
         acts: dict = {}
         with hooked(blocks, [(run, reader(acts, run, 0, positions)) for run in runs]):
-            clean_logits = model(input_ids=clean, logits_to_keep=1).logits[0, -1]
-        corrupted_logits = model(input_ids=corrupted, logits_to_keep=1).logits[0, -1]
-        a, w = int(clean_logits.argmax()), int(corrupted_logits.argmax())
+            model(input_ids=clean, logits_to_keep=1)
+        a, w = (lm.tokenizer(t, add_special_tokens=False)["input_ids"][0] for t in chosen[name])
         diffs = []
         t0 = time.perf_counter()
         for run in runs:
@@ -81,7 +100,7 @@ def baseline_main(path: str, threads: int) -> None:
         return {"seconds": time.perf_counter() - t0, "diffs": diffs, "prompt_tokens": int(clean.shape[1])}
 
     sweep("short")  # warm-up
-    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "answers": chosen}), flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if cmd and cmd[0] == "run":
@@ -103,10 +122,13 @@ class Baseline(tp.Baseline):
 
 # --- the server side -------------------------------------------------------------------------
 
-def server_sweep(client, model: str, name: str) -> dict[str, Any]:
+def server_sweep(client, model: str, name: str, answers: tuple[str, str] | None = None) -> dict[str, Any]:
     clean, corrupted = PROMPTS[name]
+    body = {"model": model, "clean": clean, "corrupted": corrupted, "components": COMPONENTS}
+    if answers is not None:
+        body["answer"], body["wrong_answer"] = answers
     t0 = time.perf_counter()
-    r = client.post("/patch", json={"model": model, "clean": clean, "corrupted": corrupted, "components": COMPONENTS})
+    r = client.post("/patch", json=body)
     seconds = time.perf_counter() - t0
     if r.status_code != 200:
         raise RuntimeError(f"/patch answered {r.status_code}: {r.text[:500]}")
@@ -119,11 +141,12 @@ def compare(stack: tp.Stack, baseline: Baseline, model: str, name: str, reps: in
     import httpx
 
     with httpx.Client(base_url=stack.url, timeout=600) as client:
-        server_sweep(client, model, name)  # warm-up
+        answers = baseline.info["answers"][name]
+        server_sweep(client, model, name, answers)  # warm-up
         pairs = []
         for _ in range(reps):
             b = baseline.sweep(name)
-            s = server_sweep(client, model, name)
+            s = server_sweep(client, model, name, answers)
             pairs.append({"baseline_s": b["seconds"], "server_s": s["seconds"], "ratio": s["seconds"] / b["seconds"],
                           "worker_ms": s["worker_ms"], "batches": s["batches"],
                           "max_abs_diff": max(abs(x - y) for x, y in zip(s["diffs"], b["diffs"]))})

@@ -12,7 +12,9 @@ passes, and the engine thread also serves streams. The engine calls `step()`
 once per loop, between the runners' decode steps, so a stream waits for at
 most one chunk. Each chunk is sized by the memory budget and by time: the
 rows that fit in about STEP_S seconds at the rate the last forward ran at
-(SHARED_STEP_S while streams are running), growing at most 4x per step.
+(SHARED_STEP_S while streams are running), growing at most 4x per step; with
+no stream running, at least MIN_CHUNK_TOKENS prompt tokens, since smaller
+batches waste a slow (or busy) machine's time.
 
 Savings that change nothing in the numbers (up to float rounding):
 - Runs go in layer order, and a chunk whose rows patch nothing before block
@@ -49,6 +51,7 @@ Emit = Callable[[P.Message, list[Any]], None]
 STEP_S = 1.0
 SHARED_STEP_S = 0.25
 GROWTH = 4
+MIN_CHUNK_TOKENS = 256
 CPU_MEMORY_BUDGET = 1 << 30
 GPU_MEMORY_FRACTION = 0.5  # of the memory free when a chunk is sized
 
@@ -200,7 +203,8 @@ class PatchJob:
         rows = self.memory_rows or max(1, _memory_budget(self.lm.device) // self._row_bytes(length))
         if self.rate is not None:
             target = SHARED_STEP_S if shared else STEP_S
-            rows = min(rows, max(1, int(target * self.rate / length)), GROWTH * max(1, self.last_rows))
+            timed = min(int(target * self.rate / length), GROWTH * max(1, self.last_rows))
+            rows = min(rows, max(1, timed if shared else max(timed, -(-MIN_CHUNK_TOKENS // length))))
         left = len(self.pending)
         rows = -(-left // -(-left // max(1, rows)))  # chunks of even size: no small tail
         taken, self.pending = self.pending[:rows], self.pending[rows:]
