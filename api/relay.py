@@ -16,11 +16,13 @@ from fastapi.responses import Response, StreamingResponse
 from api.broker_client import BrokerClient, BrokerError, new_rid
 from api.events import Completion, Want, delta_event, error_event, hidden_fields, message_delta, metadata, usage
 from api.research_events import Collected, has_extras, states_events, token_events
+from api.research_schemas import steering_wire
 from api.responses import SSE_HEADERS, ORJSONResponse, error_response, sse_once
 from api.schemas import GenerationFields
 from loom import protocol as P
 
 Frames = AsyncIterator[tuple[P.Message, list[Any]]]
+Batches = AsyncIterator[list[tuple[P.Message, list[Any]]]]  # frames that arrived together
 
 # Errors that, as a streaming request's first frame, are answered with their
 # HTTP status instead of a 200 stream: nothing has been generated yet.
@@ -42,16 +44,16 @@ async def resolve_model(request: Request, model: str) -> str:
                       "name a model, or load one with POST /models/load")
 
 
-async def frames(client: BrokerClient, msg: P.Generate) -> Frames:
-    """The request's frames; a model that is not loaded yet is loaded first."""
+async def batches(client: BrokerClient, msg: P.Generate) -> Batches:
+    """The request's frames, those that arrived together in one list; a model that is not loaded yet is loaded first."""
     for attempt in range(2):
-        stream = client.stream(msg)
+        stream = client.batches(msg)
         try:
-            async for frame in stream:
-                reply = frame[0]
+            async for batch in stream:
+                reply = batch[0][0]
                 if attempt == 0 and isinstance(reply, P.Error) and reply.type == P.ErrorType.MODEL_NOT_LOADED:
                     break
-                yield frame
+                yield batch
             else:
                 return
         finally:
@@ -59,9 +61,20 @@ async def frames(client: BrokerClient, msg: P.Generate) -> Frames:
         try:
             await client.request(P.Load(rid=new_rid(), model=msg.model, device=msg.device))
         except BrokerError as exc:
-            yield exc.as_msg(msg.rid), []
+            yield [(exc.as_msg(msg.rid), [])]
             return
         msg.rid = new_rid()
+
+
+async def frames(client: BrokerClient, msg: P.Generate) -> Frames:
+    """As `batches`, one frame at a time."""
+    source = batches(client, msg)
+    try:
+        async for batch in source:
+            for frame in batch:
+                yield frame
+    finally:
+        await source.aclose()
 
 
 def generate_msg(fields: GenerationFields, model: str, want: Want, **extra: Any) -> P.Generate:
@@ -70,7 +83,7 @@ def generate_msg(fields: GenerationFields, model: str, want: Want, **extra: Any)
                       top_p=fields.top_p, seed=fields.seed, layers=want.layers(), all_layers=want.all_layers,
                       device=fields.device, positions=want.positions, logprobs=fields.logprobs,
                       top_logprobs=fields.top_logprobs, lens_layers=list(lens.layers) if lens else [],
-                      lens_top_k=lens.top_k if lens else 0, **extra)
+                      lens_top_k=lens.top_k if lens else 0, steering=steering_wire(fields.steering), **extra)
 
 
 async def run(request: Request, fields: GenerationFields, want: Want, **extra: Any) -> Response:
@@ -82,17 +95,19 @@ async def run(request: Request, fields: GenerationFields, want: Want, **extra: A
         if fields.stream:
             return sse_once(error_event(exc.as_msg("")))
         return error_response(exc)
-    source = frames(client, generate_msg(fields, model, want, **extra))
+    msg = generate_msg(fields, model, want, **extra)
     if fields.stream:
         # Admission is decided before the first token: an overloaded server
         # answers 429 with Retry-After, and a request the worker refused
         # (a layer out of range, say) 422, even to a streaming request.
-        first = await anext(source, None)
-        if first is not None and isinstance(first[0], P.Error) and first[0].type in _BEFORE_STREAM:
-            await source.aclose()  # type: ignore[attr-defined]
-            return error_response(BrokerError.from_msg(first[0]))
-        return StreamingResponse(sse(_prepend(first, source), want, started), media_type="text/event-stream",
+        arriving = batches(client, msg)
+        first = await anext(arriving, None)
+        if first is not None and isinstance(first[0][0], P.Error) and first[0][0].type in _BEFORE_STREAM:
+            await arriving.aclose()  # type: ignore[attr-defined]
+            return error_response(BrokerError.from_msg(first[0][0]))
+        return StreamingResponse(sse(_prepend(first, arriving), want, started), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
+    source = frames(client, msg)
     # A client that hangs up before the answer is complete cancels the work
     # too, as a streaming one does.
     try:
@@ -119,21 +134,25 @@ def answer_body(completion: Completion, final: P.Final, buffers: list[Any], want
     return body
 
 
-async def sse(source: Frames, want: Want, started: float) -> AsyncIterator[bytes]:
-    # Each frame is written the moment it arrives; if the client goes away,
-    # Starlette cancels this generator and `source` cancels the request.
+async def sse(source: Batches, want: Want, started: float) -> AsyncIterator[bytes]:
+    # Frames are written the moment they arrive, those that arrived together
+    # in one write; if the client goes away, Starlette cancels this generator
+    # and `source` cancels the request.
     try:
-        async for reply, buffers in source:
-            if isinstance(reply, P.Token):
-                yield token_events(reply, buffers, want) if has_extras(reply) else delta_event(reply.text)
-            elif isinstance(reply, P.States):
-                yield b"".join(states_events(reply.arrays, buffers, want))
-            elif isinstance(reply, P.Final):
-                yield message_delta(reply, buffers, want, time.perf_counter() - started)
-                return
-            elif isinstance(reply, P.Error):
-                yield error_event(reply)
-                return
+        async for batch in source:
+            events = []
+            for reply, buffers in batch:
+                if isinstance(reply, P.Token):
+                    events.append(token_events(reply, buffers, want) if has_extras(reply) else delta_event(reply.text))
+                elif isinstance(reply, P.States):
+                    events.extend(states_events(reply.arrays, buffers, want))
+                elif isinstance(reply, (P.Final, P.Error)):
+                    events.append(message_delta(reply, buffers, want, time.perf_counter() - started)
+                                  if isinstance(reply, P.Final) else error_event(reply))
+                    yield b"".join(events)
+                    return
+            if events:
+                yield events[0] if len(events) == 1 else b"".join(events)
         yield error_event(P.Error(rid="", type=P.ErrorType.INTERNAL, message="the request ended without an answer"))
     finally:
         await source.aclose()  # type: ignore[attr-defined]

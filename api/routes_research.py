@@ -174,7 +174,8 @@ async def embed(body: EmbedRequest, request: Request) -> Response:
 async def embed_batch(body: EmbedBatchRequest, request: Request) -> Response:
     started = time.perf_counter()
     try:
-        result = await relay.until_disconnected(request, _embed_texts(request, body, {f"texts[{i}]": t for i, t in enumerate(body.texts)}))
+        texts = {f"texts.{i}": text for i, text in enumerate(body.texts)}
+        result = await relay.until_disconnected(request, _embed_texts(request, body, texts))
     except BrokerError as exc:
         return error_response(exc)
     if result is None:
@@ -215,9 +216,9 @@ async def generate_batch(body: GenerateBatchRequest, request: Request) -> Respon
     entries = []
     for i, result in enumerate(results):
         if isinstance(result, BrokerError):
-            entries.append({"error": error_body(result.error_type, f"prompts[{i}]: {result.message}")["error"]})
+            entries.append({"error": error_body(result.error_type, f"prompts.{i}: {result.message}")["error"]})
         elif isinstance(result, BaseException):
-            entries.append({"error": error_body(P.ErrorType.INTERNAL, f"prompts[{i}]: {result}")["error"]})
+            entries.append({"error": error_body(P.ErrorType.INTERNAL, f"prompts.{i}: {result}")["error"]})
         else:
             entries.append(result)
     done = [e for e in entries if "error" not in e]

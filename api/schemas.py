@@ -5,7 +5,7 @@ from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.research_schemas import LogitLensSpec
+from api.research_schemas import MAX_INTERVENTIONS, Intervention, LogitLensSpec, check_steering
 
 LayerSpec = Union[Literal["all"], int, list[int]]
 
@@ -46,6 +46,14 @@ class GenerationFields(BaseModel):
     top_logprobs: int = Field(0, ge=0, le=20, description="also the most likely alternatives per token (0..20)")
     logit_lens: LogitLensSpec | None = Field(
         None, description="the LM head (after the final norm) applied to the listed layers' states, per token")
+    steering: list[Intervention] | None = Field(
+        None, max_length=MAX_INTERVENTIONS, description="changes to this request's residual stream, applied in "
+                                                        "order (at most 16); returned hidden states are the steered ones")
+
+    @field_validator("steering")
+    @classmethod
+    def _steering(cls, v: list[Intervention] | None) -> list[Intervention] | None:
+        return check_steering(v)
 
     @field_validator("hidden_state_layers")
     @classmethod

@@ -156,8 +156,14 @@ class Generate(Message):
     # "mean", "first_token") and sent in Final; nothing is generated.
     pooling: str | None = None
     normalize: bool = False
+    # Interventions on this request's residual stream, in order: {"layer", "vector"
+    # (little-endian float32 bytes), "scale", "op" ("add" | "ablate"), "positions"}.
+    steering: list[dict[str, Any]] = field(default_factory=list)
     device: str | None = None
     request_id: str = ""  # the HTTP request's X-Request-Id, for log lines in every process
+    # The asking API process's identity, stamped by the broker (whatever the API
+    # sent): the worker groups each step's tokens by it into one Tokens message.
+    api: bytes = b""
 
 
 @dataclass
@@ -234,6 +240,76 @@ class Token(Message):
     arrays: list[dict[str, Any]] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
     lens: dict[str, Any] | None = None
+
+
+@dataclass
+class Tokens(Message):
+    """One step's tokens for the requests of one API process, instead of a Token each.
+
+    Entry i is request `rids[i]`'s token: `texts[i]` at `indexes[i]`. `extras`
+    is empty when no entry has any, else one map per entry ({} for none) with
+    a Token's "arrays", "logprobs" and "lens"; the buffers of every entry's
+    arrays follow the header in entry order. The broker relays it whole to
+    `api`; the API splits it into per-request Token messages (`tokens()`).
+    """
+
+    kind: ClassVar[str] = "tokens"
+    api: bytes
+    rids: list[str]
+    texts: list[str]
+    indexes: list[int]
+    t_emit: float = 0.0  # the worker's time.time() when the step's tokens left
+    extras: list[dict[str, Any]] = field(default_factory=list)
+
+    def tokens(self, buffers: list[Any]) -> list[tuple[Token, list[Any]]]:
+        """The entries as Token messages, each with its own buffers."""
+        t_emit = self.t_emit
+        if not self.extras:
+            return [(Token(rid, text, index, t_emit), []) for rid, text, index in zip(self.rids, self.texts, self.indexes)]
+        out: list[tuple[Token, list[Any]]] = []
+        at = 0
+        for rid, text, index, extra in zip(self.rids, self.texts, self.indexes, self.extras):
+            arrays = extra.get("arrays") or []
+            out.append((Token(rid, text, index, t_emit, arrays, extra.get("logprobs"), extra.get("lens")),
+                        buffers[at:at + len(arrays)]))
+            at += len(arrays)
+        return out
+
+
+class TokenBatch:
+    """Token messages bound for one API process, collected into one Tokens message."""
+
+    __slots__ = ("rids", "texts", "indexes", "extras", "buffers", "has_extras")
+
+    def __init__(self) -> None:
+        self.rids: list[str] = []
+        self.texts: list[str] = []
+        self.indexes: list[int] = []
+        self.extras: list[dict[str, Any]] = []
+        self.buffers: list[Any] = []
+        self.has_extras = False
+
+    def __len__(self) -> int:
+        return len(self.rids)
+
+    def add(self, token: Token, buffers: list[Any]) -> None:
+        self.rids.append(token.rid)
+        self.texts.append(token.text)
+        self.indexes.append(token.index)
+        extra: dict[str, Any] = {}
+        if token.arrays:
+            extra["arrays"] = token.arrays
+            self.buffers.extend(buffers)
+        if token.logprobs is not None:
+            extra["logprobs"] = token.logprobs
+        if token.lens is not None:
+            extra["lens"] = token.lens
+        self.extras.append(extra)
+        self.has_extras = self.has_extras or bool(extra)
+
+    def message(self, api: bytes, t_emit: float) -> tuple[Tokens, list[Any]]:
+        return Tokens(api=api, rids=self.rids, texts=self.texts, indexes=self.indexes, t_emit=t_emit,
+                      extras=self.extras if self.has_extras else []), self.buffers
 
 
 @dataclass
@@ -388,11 +464,21 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
     _check_types(msg)
     buffers = list(frames[1:])
     if isinstance(msg, (Final, Token, States)):
-        _check_arrays(msg, buffers)
+        _check_arrays(msg.kind, msg.arrays, buffers)
+    elif isinstance(msg, Tokens):
+        _check_tokens(msg, buffers)
     return msg, buffers
 
 
-_SIMPLE_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+def decode_each(frames: list[Any]) -> list[tuple[Message, list[Any]]]:
+    """decode(), with a Tokens message split into its Token messages (for a client that reads frames one by one)."""
+    msg, buffers = decode(frames)
+    if type(msg) is Tokens:
+        return msg.tokens(buffers)  # type: ignore[return-value]
+    return [(msg, buffers)]
+
+
+_SIMPLE_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes": bytes}
 
 
 def _check_types(msg: Message) -> None:
@@ -410,6 +496,8 @@ def _check_types(msg: Message) -> None:
         # Elements too: a handler indexing a model entry or comparing a layer must not trip.
         if base.startswith("list[int]") and not all(isinstance(v, int) for v in value):
             raise ProtocolError(f"{msg.kind}.{name} must be a list of ints")
+        if base.startswith("list[str]") and not all(isinstance(v, str) for v in value):
+            raise ProtocolError(f"{msg.kind}.{name} must be a list of strings")
         if base.startswith("list[dict") and not all(isinstance(v, dict) for v in value):
             raise ProtocolError(f"{msg.kind}.{name} must be a list of maps")
         if base.startswith("dict") and not isinstance(value, dict):
@@ -419,10 +507,28 @@ def _check_types(msg: Message) -> None:
 _DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 
-def _check_arrays(msg: Final | Token | States, buffers: list[Any]) -> None:
-    if len(msg.arrays) != len(buffers):
-        raise ProtocolError(f"{msg.kind} has {len(msg.arrays)} array specs but {len(buffers)} buffers")
-    for spec, buf in zip(msg.arrays, buffers):
+def _check_tokens(msg: Tokens, buffers: list[Any]) -> None:
+    """Entries line up, and each entry's extras are shaped as a Token's (its arrays as _check_arrays wants)."""
+    n = len(msg.rids)
+    if len(msg.texts) != n or len(msg.indexes) != n or (msg.extras and len(msg.extras) != n):
+        raise ProtocolError(f"tokens: {n} rids, {len(msg.texts)} texts, {len(msg.indexes)} indexes, "
+                            f"{len(msg.extras)} extras")
+    arrays: list[Any] = []
+    for extra in msg.extras:
+        entry = extra.get("arrays", [])
+        logprobs, lens = extra.get("logprobs"), extra.get("lens")
+        if not isinstance(entry, list) or not (logprobs is None or isinstance(logprobs, list)
+                                               and all(isinstance(e, dict) for e in logprobs)) \
+                or not (lens is None or isinstance(lens, dict)):
+            raise ProtocolError(f"tokens: bad extras {extra!r}"[:200])
+        arrays += entry
+    _check_arrays(msg.kind, arrays, buffers)
+
+
+def _check_arrays(kind: str, arrays: list[Any], buffers: list[Any]) -> None:
+    if len(arrays) != len(buffers):
+        raise ProtocolError(f"{kind} has {len(arrays)} array specs but {len(buffers)} buffers")
+    for spec, buf in zip(arrays, buffers):
         size = _DTYPE_SIZES.get(spec.get("dtype")) if isinstance(spec, dict) else None
         shape = spec.get("shape") if isinstance(spec, dict) else None
         if size is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):

@@ -35,3 +35,11 @@ def stack(tmp_path_factory, model_dir, default_model) -> Stack:
     s = start_stack(tmp_path_factory.mktemp("stack"), model, [model_dir])
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def ref(default_model):
+    """The default model run by transformers itself in this process: the reference for activation tests."""
+    from tests.reference import Reference
+
+    return Reference(default_model)

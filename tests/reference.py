@@ -126,3 +126,41 @@ def assert_close(got: np.ndarray, want: np.ndarray, what: str, tol: float = TOL)
     assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
     diff = float(np.max(np.abs(got - want))) if got.size else 0.0
     assert diff <= tol, f"{what}: max |diff| {diff:.3g} > {tol}"
+
+
+def steering_hooks(interventions: list[dict[str, Any]], prompt_len: int) -> Callable[[Any], list[Any]]:
+    """Forward hooks applying the contract's steering ops the plain way: positions < prompt_len are
+    the prompt, the rest generated; add h + s*v, ablate h - s*(h.v_hat)v_hat; in order."""
+
+    def module(model: Any, layer: int) -> Any:
+        n = model.config.num_hidden_layers
+        slot = layer % (n + 2)
+        if slot == 0:
+            return model.model.embed_tokens
+        return model.model.norm if slot == n + 1 else model.model.layers[slot - 1]
+
+    def attach(model: Any) -> list[Any]:
+        handles = []
+        for item in interventions:
+            vector = torch.tensor(np.asarray(item["vector"], dtype=np.float32))
+            scale, op, where = item.get("scale", 1.0), item.get("op", "add"), item.get("positions", "all")
+
+            def hook(m: Any, args: Any, out: Any, vector=vector, scale=scale, op=op, where=where) -> Any:
+                h = out[0] if isinstance(out, tuple) else out
+                chosen = torch.zeros(h.shape[1], dtype=torch.bool)
+                if where in ("all", "prompt"):
+                    chosen[:prompt_len] = True
+                if where in ("all", "generated"):
+                    chosen[prompt_len:] = True
+                if op == "add":
+                    new = h + scale * vector
+                else:
+                    unit = vector / vector.norm()
+                    new = h - scale * (h @ unit)[..., None] * unit
+                h = torch.where(chosen[None, :, None], new, h)
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+
+            handles.append(module(model, item["layer"]).register_forward_hook(hook))
+        return handles
+
+    return attach

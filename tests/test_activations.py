@@ -22,11 +22,6 @@ MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def ref(default_model) -> Reference:
-    return Reference(default_model)
-
-
-@pytest.fixture(scope="module")
 def layers(ref) -> list[int]:
     return [0, ref.num_layers // 2, -1]
 

@@ -4,18 +4,12 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import pytest
 
 from loom.client import (AsyncLoomClient, BatchError, GenerateResult, HiddenStates, LogitLens, LoomClient,
                          MessageDelta, TextDelta)
-from tests.reference import Reference, assert_close
+from tests.reference import assert_close
 
 PROMPT = "Hello"
-
-
-@pytest.fixture(scope="module")
-def ref(default_model) -> Reference:
-    return Reference(default_model)
 
 
 def test_generate_arrays_logprobs_and_lens(stack, ref):
@@ -61,10 +55,21 @@ def test_embed_embed_batch_and_generate_batch(stack, ref):
     assert_close(one, states[2].mean(axis=0), "embed")
     assert_close(many[0], one, "embed_batch row 0")
     assert isinstance(batch.results[0], GenerateResult) and batch.results[0].token_count == 3
-    assert isinstance(batch.results[1], BatchError) and batch.results[1].message.startswith("prompts[1]")
+    assert isinstance(batch.results[1], BatchError) and batch.results[1].message.startswith("prompts.1: ")
 
     async def async_calls():
         async with AsyncLoomClient(stack.url) as loom:
             return await loom.embed_batch(texts, stack.default_model, pooling="mean", layer=2)
 
     assert_close(asyncio.run(async_calls()), many, "async embed_batch")  # grouped differently: float noise only
+
+
+def test_steering_with_numpy_vectors(stack, ref):
+    vector = np.random.default_rng(0).standard_normal(ref.model.config.hidden_size).astype(np.float32) * 20
+    with LoomClient(stack.url) as loom:
+        steered = loom.generate(PROMPT, stack.default_model, max_tokens=4, temperature=0,
+                                steering=[{"layer": 0, "vector": vector, "scale": 1.0}])
+        as_list = loom.generate(PROMPT, stack.default_model, max_tokens=4, temperature=0,
+                                steering=[{"layer": 0, "vector": vector.tolist(), "scale": 1.0}])
+        plain = loom.generate(PROMPT, stack.default_model, max_tokens=4, temperature=0)
+    assert steered.text == as_list.text != plain.text

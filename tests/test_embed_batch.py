@@ -11,11 +11,6 @@ from tests.reference import Reference, assert_close
 TEXTS = ["The capital of France is Paris.", "Hello!", "Count from 1 to 5.", "A rather longer sentence about the sea."]
 
 
-@pytest.fixture(scope="module")
-def ref(default_model) -> Reference:
-    return Reference(default_model)
-
-
 def pooled(ref: Reference, text: str, layer: int, pooling: str, normalize: bool) -> np.ndarray:
     states, _ = ref.forward(ref.prompt_ids(text))
     block = states[layer] if layer in states else states[layer % (ref.num_layers + 2)]
@@ -70,7 +65,7 @@ def test_generate_batch_answers_each_prompt_like_generate_and_fails_only_bad_one
     for i, (result, single) in enumerate(zip(results, alone)):
         if i in (1, 3):  # empty; longer than the context
             assert set(result) == {"error"}, result
-            assert result["error"]["message"].startswith(f"prompts[{i}]: ")
+            assert result["error"]["message"].startswith(f"prompts.{i}: ")
             assert result["error"]["type"] in ("invalid_request_error", "context_length_exceeded")
             continue
         expected = single.json()

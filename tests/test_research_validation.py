@@ -1,14 +1,26 @@
 """Bad research input: 422 naming the field, before any work starts, and nothing else disturbed."""
 from __future__ import annotations
 
+import base64
+import json
 import threading
 
+import numpy as np
 import pytest
 
 from tests.conftest import TOY
 from tests.helpers import stream_chat, text_of, user
 
 CHAT = "/v1/chat/completions"
+
+
+def _b64(values) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f4").tobytes()).decode()
+
+
+def _steer(**item) -> dict:
+    return {"steering": [{"layer": 1, "vector": [0.5] * 192, **item}]}
+
 
 # (path, extra body fields, the field the message must name)
 BAD = [
@@ -30,6 +42,18 @@ BAD = [
     ("/embed/batch", {"texts": []}, "texts"),
     ("/generate/batch", {"prompts": ["a"] * 101}, "prompts"),
     ("/generate/batch", {"prompts": ["a"], "stream": True}, "stream"),
+    ("/generate", _steer(vector=[0.5] * 5), "steering.0.vector"),  # not the hidden size: the worker says so
+    (CHAT, _steer(vector=_b64([0.5] * 96), dtype="float32"), "steering.0.vector"),
+    ("/generate", _steer(vector=_b64([0.5] * 191 + [np.nan])), "steering.0.vector"),
+    (CHAT, _steer(vector=_b64([np.inf] * 192), dtype="float32"), "steering.0.vector"),
+    ("/generate", _steer(vector=[0.5] * 191 + [float("nan")]), "steering.0.vector"),
+    (CHAT, _steer(scale=float("inf")), "steering.0.scale"),
+    ("/generate", _steer(vector="not base64!"), "steering.0.vector"),
+    ("/generate", _steer(vector=_b64([0.5] * 192), dtype="int8"), "steering.0.dtype"),
+    ("/generate", _steer(op="multiply"), "steering.0.op"),
+    (CHAT, _steer(positions="first"), "steering.0.positions"),
+    ("/generate", _steer(layer=9), "steering.0.layer"),
+    ("/generate", {"steering": [{"layer": 1, "vector": [0.5] * 192}] * 17}, "steering"),
 ]
 
 
@@ -50,7 +74,8 @@ def test_bad_research_input_is_422_naming_the_field(stack, path, extra, field):
             body = _body(path, extra, stack.default_model)
             if stream:
                 body["stream"] = True
-            r = client.post(path, json=body)
+            # json.dumps writes NaN and Infinity as Python's parser (and so the server's) reads them.
+            r = client.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"})
             assert r.status_code == 422, (stream, r.status_code, r.text[:300])
             message = r.json()["error"]["message"]
             assert message.startswith(f"{field}:") or f"; {field}:" in message or f"{field}: " in message, message
@@ -72,7 +97,8 @@ def test_bad_requests_do_not_disturb_a_running_stream(stack):
     thread.start()
     with stack.client() as client:
         for path, extra, _ in BAD:
-            assert client.post(path, json=_body(path, extra, TOY)).status_code == 422
+            r = client.post(path, content=json.dumps(_body(path, extra, TOY)), headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, r.text[:300]
     thread.join(120)
     events = got["events"]
     assert events[-1].name == "message_delta"

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from loom import protocol as P
-from tests.helpers import BUNDLED
-from tests.reference import Reference, assert_close
+from tests.reference import assert_close
 from workers.model_store import load_model
 from workers.runner import ModelRunner
 
@@ -15,13 +14,8 @@ PROMPTS = ["The capital of France is", "Once upon a time there", "Count from 1 t
 
 
 @pytest.fixture(scope="module")
-def ref() -> Reference:
-    return Reference(str(BUNDLED))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return load_model("loom-tiny", str(BUNDLED), "float32", "cpu")
+def lm(default_model):
+    return load_model("m", default_model, "float32", "cpu")
 
 
 def _drive(runner: ModelRunner) -> None:

@@ -13,6 +13,7 @@ from workers.detokenizer import IncrementalDetokenizer
 from workers.hidden import LayerHooks, LayerIndexError, slot_for
 from workers.model_store import LoadedModel
 from workers.sequence import Sequence
+from workers.steering import parse as parse_steering
 
 POSITIONS = ("last", "generated", "prompt", "all")
 POOLINGS = ("last_token", "mean", "first_token")
@@ -67,6 +68,10 @@ def build_sequence(lm: LoadedModel, hooks: LayerHooks, req: P.Generate) -> Seque
     if wants_block and hooks.norm is None and hooks.final_slot in slots:
         raise _invalid(f"hidden_state_positions: {lm.model_id}'s final norm cannot be found, so the final state "
                        "(-1) is available at the last position only; ask for another layer")
+    try:
+        steering = parse_steering(list(req.steering), lm.num_layers, lm.hidden_size, lm.model_id, lm.device)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
     generator = None
     if req.temperature > 0:
         generator = torch.Generator(device="cpu")
@@ -89,6 +94,7 @@ def build_sequence(lm: LoadedModel, hooks: LayerHooks, req: P.Generate) -> Seque
         top_logprobs=req.top_logprobs if (req.logprobs or req.top_logprobs) else -1,
         pooling=req.pooling,
         normalize=bool(req.normalize),
+        steering=steering,
     )
 
 

@@ -18,6 +18,7 @@ from workers.lens import LogitLens
 from workers.logprobs import TokenTexts, logprob_entries
 from workers.pooling import pool
 from workers.sequence import Sequence
+from workers.steering import plan as steering_plan
 
 
 @dataclass
@@ -57,13 +58,14 @@ def raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class Outputs:
-    def __init__(self, hooks: LayerHooks, texts: TokenTexts, dtype_name: str, device: torch.device):
+    def __init__(self, hooks: LayerHooks, texts: TokenTexts, dtype_name: str, device: torch.device, hidden_size: int):
         self.hooks = hooks
         self.texts = texts
         self.lens = LogitLens(hooks.model, hooks.norm, hooks.final_slot, texts)
         self.dtype_name = dtype_name
         self.device = device
         self.num_layers = hooks.num_layers
+        self.hidden_size = hidden_size
 
     # --- before the forward pass ----------------------------------------------------
 
@@ -82,7 +84,10 @@ class Outputs:
         for slot, rows in rows_by_slot.items():
             index = None if len(rows) == len(seqs) else torch.tensor(rows, dtype=torch.long, device=self.device)
             take[slot] = Take(index, slot in full)
-        return ForwardPlan(take=take), rows_by_slot
+        steer = {}
+        if any(seq.steering for seq in seqs):
+            steer = steering_plan([seq.steering for seq in seqs], prefill, self.hidden_size, self.device)
+        return ForwardPlan(take=take, steer=steer), rows_by_slot
 
     # --- after it --------------------------------------------------------------------
 

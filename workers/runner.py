@@ -43,7 +43,8 @@ class ModelRunner:
         self.rows: list[Sequence] = []
         self.pending: list[Sequence] = []
         self.dtype_name = DTYPE_NAMES.get(loaded.dtype, "float32")
-        self.outputs = Outputs(self.hooks, TokenTexts(loaded.tokenizer), self.dtype_name, loaded.device)
+        self.outputs = Outputs(self.hooks, TokenTexts(loaded.tokenizer), self.dtype_name, loaded.device,
+                               loaded.hidden_size)
         self._new_cache = _cache_factory(loaded)
 
     # --- admission ------------------------------------------------------------
