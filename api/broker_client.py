@@ -1,10 +1,12 @@
 """The API process's one connection to the broker.
 
 One DEALER socket and one reader task. The reader routes every incoming
-frame to the queue of the request it belongs to, so each HTTP handler just
-awaits its own queue and writes each frame out the moment it arrives. A ping
-task notices a broker that died or restarted and fails the requests that were
-in flight with it, so no stream waits forever.
+frame to the mailbox of the request it belongs to (a step's tokens arrive as
+one Tokens message for this process and are split here), so each HTTP handler
+just awaits its own mailbox and writes out what it holds the moment it
+arrives: everything that arrived together, together. A ping task notices a
+broker that died or restarted and fails the requests that were in flight with
+it, so no stream waits forever.
 """
 from __future__ import annotations
 
@@ -25,6 +27,39 @@ from loom.logs import current_request_id
 log = logging.getLogger("loom.api")
 
 Frame = tuple[P.Message, list[Any]]
+
+# The last frame of a request: nothing follows it.
+TERMINAL = (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status, P.PatchResult)
+
+
+class Mailbox:
+    """One request's frames as they arrive; its handler takes all that are waiting at once.
+
+    Lighter than an asyncio.Queue (a list and at most one future), and a
+    handler that fell behind by several tokens writes them in one go.
+    """
+
+    __slots__ = ("frames", "_waiter")
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, frame: Frame) -> None:
+        self.frames.append(frame)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def take(self) -> list[Frame]:
+        while not self.frames:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        frames, self.frames = self.frames, []
+        return frames
 
 
 class BrokerError(Exception):
@@ -59,7 +94,7 @@ class BrokerClient:
         if curve is not None:
             apply_curve_client(self.sock, curve)
         self.sock.connect(address)
-        self.queues: dict[str, asyncio.Queue[Frame]] = {}
+        self.queues: dict[str, Mailbox] = {}
         self.broker_id: str | None = None
         self.last_pong = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -91,12 +126,19 @@ class BrokerClient:
             except P.ProtocolError as exc:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
+            if type(msg) is P.Tokens:
+                queues = self.queues
+                for frame in msg.tokens(buffers):
+                    box = queues.get(frame[0].rid)
+                    if box is not None:
+                        box.put(frame)
+                continue
             if isinstance(msg, P.Pong):
                 self._on_pong(msg)
                 continue
-            queue = self.queues.get(getattr(msg, "rid", ""))
-            if queue is not None:
-                queue.put_nowait((msg, buffers))
+            box = self.queues.get(getattr(msg, "rid", ""))
+            if box is not None:
+                box.put((msg, buffers))
 
     def _on_pong(self, msg: P.Pong) -> None:
         if self.broker_id is not None and msg.broker_id != self.broker_id:
@@ -124,8 +166,8 @@ class BrokerClient:
                 lost = False
 
     def _fail_all(self, error_type: str, message: str) -> None:
-        for rid, queue in self.queues.items():
-            queue.put_nowait((P.Error(rid=rid, type=error_type, message=message), []))
+        for rid, box in self.queues.items():
+            box.put((P.Error(rid=rid, type=error_type, message=message), []))
 
     def abort_all(self, error_type: str, message: str) -> None:
         """End every request in flight with an error, and tell the workers to stop on them."""
@@ -154,15 +196,14 @@ class BrokerClient:
         except BrokerError:
             pass
 
-    async def stream(self, msg: P.Message) -> AsyncIterator[Frame]:
-        """Send `msg` and yield its frames until the terminal one.
+    async def batches(self, msg: P.Message) -> AsyncIterator[list[Frame]]:
+        """Send `msg` and yield its frames until the terminal one, in lists of those that arrived together.
 
         If the consumer stops early (the HTTP client went away), the request
         is cancelled, so the worker stops at its next step.
         """
         rid = msg.rid  # type: ignore[attr-defined]
-        queue: asyncio.Queue[Frame] = asyncio.Queue()
-        self.queues[rid] = queue
+        box = self.queues[rid] = Mailbox()
         finished = False
         observer = self.observer
         try:
@@ -170,23 +211,36 @@ class BrokerClient:
             if observer is not None:
                 observer.sent(msg)
             while True:
-                frame = await queue.get()
+                frames = await box.take()
+                for i, frame in enumerate(frames):
+                    if isinstance(frame[0], TERMINAL):
+                        finished = True
+                        del frames[i + 1:]
+                        break
                 if observer is not None:
-                    observer.received(frame[0])
-                if isinstance(frame[0], (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status, P.PatchResult)):
-                    finished = True
-                yield frame
+                    observer.received(rid, frames)
+                yield frames
                 if finished:
                     return
         except BrokerError as exc:
             finished = True
-            yield exc.as_msg(rid), []
+            yield [(exc.as_msg(rid), [])]
         finally:
             self.queues.pop(rid, None)
             if observer is not None:
                 observer.closed(rid)
             if not finished:
                 self.cancel(rid)
+
+    async def stream(self, msg: P.Message) -> AsyncIterator[Frame]:
+        """As `batches`, one frame at a time."""
+        batches = self.batches(msg)
+        try:
+            async for frames in batches:
+                for frame in frames:
+                    yield frame
+        finally:
+            await batches.aclose()
 
     async def request(self, msg: P.Message, timeout: float | None = None) -> P.Message:
         """Send `msg` and return its one answer; raise BrokerError for errors."""

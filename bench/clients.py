@@ -90,6 +90,7 @@ class ZClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, f"bench-{uuid.uuid4().hex[:8]}".encode())
         self.sock.connect(address)
+        self._pending: list[tuple[Any, float]] = []
 
     def generate(self, model: str, max_tokens: int) -> str:
         rid = uuid.uuid4().hex
@@ -102,12 +103,15 @@ class ZClient:
         self.sock.send_multipart(self.P.encode(self.P.Cancel(rid=rid)))
 
     def recv(self, timeout_s: float):
+        """The next message, a step's Tokens message one Token at a time (all with its arrival time)."""
+        if self._pending:
+            return self._pending.pop(0)
         if not self.sock.poll(timeout_s * 1000):
             return None, 0.0
         frames = self.sock.recv_multipart()
         now = time.time()
-        msg, _ = self.P.decode(frames)
-        return msg, now
+        self._pending = [(msg, now) for msg, _ in self.P.decode_each(frames)]
+        return self._pending.pop(0)
 
     def run(self, model: str, n_streams: int, max_tokens: int, cancel_after: int | None = None,
             on_cancel=None, timeout_s: float = 120) -> dict[str, Any]:

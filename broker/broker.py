@@ -184,6 +184,8 @@ class Broker:
 
     def _assign(self, api: bytes, worker: Worker, msg: P.Message, kind: str) -> None:
         rid = msg.rid  # type: ignore[attr-defined]
+        if isinstance(msg, P.Generate):
+            msg.api = api  # whatever the API wrote: the worker batches its tokens by it
         if not self._to_worker(worker.identity, msg):
             self._worker_gone(worker, "its connection closed")
             self._to_api(api, P.Error(rid=rid, type=P.ErrorType.WORKER_LOST, message="the worker went away; retry"))
@@ -244,6 +246,9 @@ class Broker:
                 self._to_worker(identity, P.Reregister(broker_id=self.broker_id))
             return
         worker.last_seen = time.monotonic()
+        if type(msg) is P.Tokens:
+            self._relay_tokens(identity, worker, msg, buffers, body)
+            return
         if isinstance(msg, P.Heartbeat):
             worker.active = msg.active
             worker.figures = {"running": msg.running, "waiting": msg.waiting, "kv_cache_bytes": msg.kv_cache_bytes}
@@ -264,12 +269,43 @@ class Broker:
                 return
             self.routes.pop(rid, None)
             worker.routes.discard(rid)
-        if not self._to_api_raw(route.api, body):
-            # The API process is gone or not reading: stop the work for it.
-            if not isinstance(msg, TERMINAL):
-                self.routes.pop(rid, None)
+        if not self._to_api_raw(route.api, body) and not isinstance(msg, TERMINAL):
+            self._api_gone(worker, [rid])
+
+    def _relay_tokens(self, identity: bytes, worker: Worker, msg: P.Tokens, buffers: list[Any],
+                      body: list[Any]) -> None:
+        """A step's tokens for one API process: relayed as they came, no entry decoded on its own.
+
+        Each entry still needs a route from that worker to that API (a cancelled
+        or failed-over request's token goes nowhere); only when one does not
+        is the batch rebuilt from the entries that do.
+        """
+        routes, api = self.routes, msg.api
+        for rid in msg.rids:
+            route = routes.get(rid)
+            if route is None or route.worker != identity or route.api != api:
+                self._regroup(identity, msg, buffers)
+                return
+        if not self._to_api_raw(api, body):
+            self._api_gone(worker, msg.rids)
+
+    def _regroup(self, identity: bytes, msg: P.Tokens, buffers: list[Any]) -> None:
+        groups: dict[bytes, P.TokenBatch] = {}
+        for token, bufs in msg.tokens(buffers):
+            route = self.routes.get(token.rid)
+            if route is not None and route.worker == identity:
+                groups.setdefault(route.api, P.TokenBatch()).add(token, bufs)
+        worker = self.workers[identity]
+        for api, group in groups.items():
+            if not self._to_api(api, *group.message(api, msg.t_emit)):
+                self._api_gone(worker, group.rids)
+
+    def _api_gone(self, worker: Worker, rids: list[str]) -> None:
+        """The API process is gone or not reading: stop the work for it."""
+        for rid in rids:
+            if self.routes.pop(rid, None) is not None:
                 worker.routes.discard(rid)
-                self._to_worker(identity, P.Cancel(rid=rid))
+                self._to_worker(worker.identity, P.Cancel(rid=rid))
 
     def _register(self, identity: bytes, msg: P.Register) -> None:
         old = self.workers.pop(identity, None)

@@ -87,6 +87,33 @@ def malformed_frames(model: str) -> list[tuple[str, list[bytes]]]:
     ]
 
 
+def tokens_header(**overrides: Any) -> dict[str, Any]:
+    good = P.Tokens(api=b"api-test", rids=["a", "b"], texts=["x", "y"], indexes=[0, 0])
+    return header(good, **overrides)
+
+
+def malformed_tokens() -> list[tuple[str, list[bytes]]]:
+    """Tokens messages (a step's tokens for one API process) that decode must reject."""
+    spec = {"layer": 1, "shape": [1, 4], "dtype": "float32", "keys": [1]}
+    return [
+        ("tokens: fewer texts than rids", [pack(tokens_header(texts=["x"]))]),
+        ("tokens: more indexes than rids", [pack(tokens_header(indexes=[0, 1, 2]))]),
+        ("tokens: a rid is an int", [pack(tokens_header(rids=["a", 7]))]),
+        ("tokens: a text is bytes", [pack(tokens_header(texts=["x", b"y"]))]),
+        ("tokens: an index is a string", [pack(tokens_header(indexes=[0, "1"]))]),
+        ("tokens: api is a string", [pack(tokens_header(api="api-test"))]),
+        ("tokens: api missing", [pack({k: v for k, v in tokens_header().items() if k != "api"})]),
+        ("tokens: extras not one per entry", [pack(tokens_header(extras=[{}]))]),
+        ("tokens: an extra is not a map", [pack(tokens_header(extras=[{}, 5]))]),
+        ("tokens: arrays is a map", [pack(tokens_header(extras=[{}, {"arrays": {"a": 1}}]))]),
+        ("tokens: logprobs hold strings", [pack(tokens_header(extras=[{"logprobs": ["x"]}, {}]))]),
+        ("tokens: lens is a list", [pack(tokens_header(extras=[{"lens": [1]}, {}]))]),
+        ("tokens: an array without its buffer", [pack(tokens_header(extras=[{"arrays": [spec]}, {}]))]),
+        ("tokens: a buffer of the wrong size", [pack(tokens_header(extras=[{}, {"arrays": [spec]}])), b"\0" * 15]),
+        ("tokens: a buffer nobody describes", [pack(tokens_header()), b"\0" * 16]),
+    ]
+
+
 def count(text: str, needle: str) -> int:
     return text.count(needle)
 
@@ -122,15 +149,15 @@ class FakeBroker:
         frames = recv(self.sock, timeout)
         while frames is not None:
             identity, body = frames[0], frames[1:]
-            msg, buffers = P.decode(body)  # the worker must never send us garbage
-            if isinstance(msg, P.Register):
-                self.worker = identity
-                self.models = msg.models
-            elif isinstance(msg, P.Heartbeat):
-                if msg.models is not None:
+            for msg, buffers in P.decode_each(body):  # the worker must never send us garbage
+                if isinstance(msg, P.Register):
+                    self.worker = identity
                     self.models = msg.models
-            else:
-                self.replies.setdefault(msg.rid, []).append((msg, buffers))
+                elif isinstance(msg, P.Heartbeat):
+                    if msg.models is not None:
+                        self.models = msg.models
+                else:
+                    self.replies.setdefault(msg.rid, []).append((msg, buffers))
             frames = recv(self.sock, 0)
 
     def send(self, frames: list[bytes]) -> None:
@@ -301,14 +328,14 @@ class ApiPeer:
             frames = recv(self.sock, max(0.0, deadline - time.monotonic()))
             if frames is None:
                 break
-            reply, _ = P.decode(frames)  # the broker must never relay garbage
-            if rid is None and isinstance(reply, P.Pong):
-                return [reply]
-            if getattr(reply, "rid", None) != rid:
-                continue
-            replies.append(reply)
-            if isinstance(reply, (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status)):
-                return replies
+            for reply, _ in P.decode_each(frames):  # the broker must never relay garbage
+                if rid is None and isinstance(reply, P.Pong):
+                    return [reply]
+                if getattr(reply, "rid", None) != rid:
+                    continue
+                replies.append(reply)
+                if isinstance(reply, (P.Final, P.Error, P.Loaded, P.Unloaded, P.Status)):
+                    return replies
         raise AssertionError(f"no terminal reply to {msg.kind} {rid} within {timeout}s: {replies}")
 
 
@@ -360,6 +387,7 @@ def test_broker_frontend_drops_garbage(broker_and_worker):
         hostile.sock.send_multipart(frames)
     # Well-formed messages an API process has no business sending.
     hostile.sock.send_multipart(P.encode(P.Token(rid="fe-tok", text="x", index=0)))
+    hostile.sock.send_multipart(P.encode(P.Tokens(api=b"api-test", rids=["fe-tok"], texts=["x"], indexes=[0])))
     hostile.sock.send_multipart(P.encode(P.Register(worker_id="w", device="cpu", host="h", pid=1, capacity=9,
                                                     models=[{"model_id": TOY}])))
     # Requests that decode but name nonsense get a clear error, not silence.
@@ -375,8 +403,7 @@ def test_broker_frontend_drops_garbage(broker_and_worker):
     while not replies or not isinstance(replies[-1], (P.Final, P.Error)):
         assert time.monotonic() < deadline, f"the victim's stream stalled after {len(replies)} replies"
         frames = recv(api.sock, 1)
-        if frames:
-            msg, _ = P.decode(frames)
+        for msg, _ in P.decode_each(frames) if frames else []:
             if getattr(msg, "rid", None) == "fe-victim":
                 replies.append(msg)
                 if len(replies) == 1:
@@ -390,6 +417,7 @@ def test_broker_frontend_drops_garbage(broker_and_worker):
     log = b["broker_log"].read_text(errors="replace")
     assert dropped == len(garbage), f"{dropped} of {len(garbage)} logged as dropped:\n{log[-4000:]}"
     assert "dropped an unexpected token message from API" in log
+    assert "dropped an unexpected tokens message from API" in log
     assert "dropped an unexpected register message from API" in log
     # The hostile register on the wrong socket did not add a worker.
     status = api.request(P.StatusRequest(rid="fe-status"))[-1]
@@ -433,6 +461,7 @@ def test_broker_backend_drops_garbage(broker_and_worker):
         ("final with array specs that are not maps", P.encode(P.Final(
             rid="x", stop_reason="end_turn", prompt_tokens=1, completion_tokens=1, generate_s=0, model=TOY,
             dtype="float32", arrays=[7]), [b"\0" * 16])),
+        *malformed_tokens(),
     ]
     for _, frames in garbage:
         fake.send_multipart(frames)
@@ -481,3 +510,79 @@ def test_broker_survives_a_registered_worker_with_hostile_model_lists(broker_and
     finally:
         for fake in fakes:
             fake.close(0)
+
+
+def test_broker_relays_tokens_only_to_the_api_that_asked(broker_and_worker):
+    """The broker stamps the asking API on each request, whatever it wrote there; a step's
+    tokens reach that API only, and tokens a worker sends for requests it does not serve reach nobody."""
+    b = broker_and_worker
+    api: ApiPeer = b["api"]
+    thief = ApiPeer(b["ctx"], b["frontend"], b"api-thief")
+    intruder = b["ctx"].socket(zmq.DEALER)
+    intruder.setsockopt(zmq.LINGER, 0)
+    intruder.setsockopt(zmq.IDENTITY, b"intruder-worker")
+    intruder.connect(b["backend"])
+    try:
+        # A registered worker with no model: nothing is routed to it, but it is known.
+        intruder.send_multipart(P.encode(P.Register(worker_id="intruder", device="cpu", host="h", pid=1,
+                                                    capacity=1, models=[])))
+        forged = P.Generate(rid="st-forged", model=TOY, prompt="Count from 1 to 5.", max_tokens=30,
+                            temperature=0.0, api=b"api-test")  # claims the other API's identity
+        thief.sock.send_multipart(P.encode(forged))
+        replies: list[P.Message] = []
+        deadline = time.monotonic() + 60
+        while not replies or not isinstance(replies[-1], (P.Final, P.Error)):
+            assert time.monotonic() < deadline, f"the stream stalled after {len(replies)} replies"
+            frames = recv(thief.sock, 1)
+            for msg, _ in P.decode_each(frames) if frames else []:
+                if getattr(msg, "rid", None) == "st-forged":
+                    replies.append(msg)
+                    if len(replies) == 1:  # while it streams: the intruder claims its next token
+                        intruder.send_multipart(P.encode(P.Tokens(api=b"api-thief", rids=["st-forged"],
+                                                                  texts=["pwned"], indexes=[1])))
+                        intruder.send_multipart(P.encode(P.Tokens(api=b"api-test", rids=["st-forged"],
+                                                                  texts=["pwned"], indexes=[1])))
+        assert isinstance(replies[-1], P.Final) and replies[-1].completion_tokens == 30, replies[-3:]
+        tokens = [m for m in replies if isinstance(m, P.Token)]
+        assert tokens and all(t.text != "pwned" for t in tokens), tokens
+        # The API it claimed to be got nothing of it.
+        while (frames := recv(api.sock, 0.5)) is not None:
+            for msg, _ in P.decode_each(frames):
+                assert getattr(msg, "rid", None) != "st-forged", msg
+        broker_generate_ok(api, "st-after")
+        assert all(p.poll() is None for p in b["procs"])
+    finally:
+        thief.sock.close(0)
+        intruder.close(0)
+
+
+def test_worker_sends_a_step_as_one_message_per_api(worker_and_fake_broker):
+    """Requests from two API processes, running together: each step's tokens leave as one Tokens
+    message per API, naming it and holding only its requests' tokens; each Final follows its tokens."""
+    fake, proc, _ = worker_and_fake_broker
+    rids = {"ba-a1": b"api-a", "ba-a2": b"api-a", "ba-b1": b"api-b"}
+    batches: list[P.Tokens] = []
+    order: dict[str, list[str]] = {rid: [] for rid in rids}
+    for rid, api in rids.items():
+        fake.send(P.encode(P.Generate(rid=rid, model=TOY, prompt="Count from 1 to 5.", max_tokens=12,
+                                      temperature=0.0, api=api)))
+    deadline = time.monotonic() + 60
+    while not all(o and o[-1] == "final" for o in order.values()):
+        assert time.monotonic() < deadline, order
+        frames = recv(fake.sock, 1)
+        if frames is None:
+            continue
+        msg, _ = P.decode(frames[1:])
+        if isinstance(msg, P.Tokens):
+            batches.append(msg)
+            for rid in msg.rids:
+                order[rid].append("token")
+        elif isinstance(msg, P.Final) and msg.rid in order:
+            order[msg.rid].append("final")
+    for batch in batches:
+        assert {rids[r] for r in batch.rids} == {batch.api} and len(set(batch.rids)) == len(batch.rids), batch
+    # Rows of one API that ran in the same step shared a message.
+    assert any(set(batch.rids) == {"ba-a1", "ba-a2"} for batch in batches), [b.rids for b in batches]
+    for rid, seen in order.items():
+        assert seen[-1] == "final" and seen.count("final") == 1 and "token" in seen, (rid, seen)
+    assert proc.poll() is None

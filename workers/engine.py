@@ -23,6 +23,7 @@ from workers.outbox import Outbox
 from workers.patching import PatchJobs
 from workers.request_log import RequestLog
 from workers.runner import ModelRunner, RequestError
+from workers.step_batch import StepBatch
 
 log = logging.getLogger("loom.worker")
 
@@ -68,6 +69,7 @@ class Engine:
         self._aliases: dict[str, str] = {}  # every name a model answers to -> model id
         self._loading: dict[str, _Loading] = {}  # by source
         self.requests = RequestLog()
+        self.batch = StepBatch(outbox.put)  # a step's tokens: one message per API process
         self.patches = PatchJobs(self._send)  # POST /patch jobs, one forward pass per loop
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -107,6 +109,7 @@ class Engine:
                         runner.fail_all(P.ErrorType.INTERNAL, f"generation failed: {exc}")
             if self.patches:  # between decode steps, so running streams wait at most one chunk
                 self.patches.step(shared=any(r.active for r in self.runners.values()))
+            self.batch.flush()
             self.active = sum(r.active for r in self.runners.values()) + len(self.patches)
             now = time.monotonic()
             if now - self._figures_at > 0.2 or not self.active:  # an emptied batch shows at once
@@ -147,6 +150,7 @@ class Engine:
         elif isinstance(item, P.Cancel):
             if any(runner.cancel(item.rid) for runner in self.runners.values()) or self.patches.cancel(item.rid):
                 self.requests.cancelled(item.rid)
+            self.batch.forget(item.rid)
         elif isinstance(item, P.Load):
             self._start_load(item, allow_any_path=False)
         elif isinstance(item, _Preload):
@@ -162,7 +166,7 @@ class Engine:
 
     def _send(self, msg: P.Message, buffers: list[Any] | None = None) -> None:
         self.requests.emitted(msg)
-        self.outbox.put(msg, buffers or [])
+        self.batch.put(msg, buffers or [])
 
     def _generate(self, req: P.Generate) -> None:
         runner = self._runner(req.model)
@@ -180,6 +184,7 @@ class Engine:
             self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
             return
         self.requests.admitted(req)
+        self.batch.route(req.rid, req.api)
         self.active += 1
 
     def _patch(self, req: P.Patch) -> None:

@@ -118,8 +118,9 @@ class ModelRunner:
             self._keep([i for i, s in enumerate(self.rows) if not s.cancelled])
 
     def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[i] for i in keep]
-        self.kv.keep_rows(keep)
+        # The cache fills a leaver's place with a later row: the rows follow its order.
+        order = self.kv.keep_rows(keep)
+        self.rows = [self.rows[i] for i in order]
 
     def _forward(self, input_ids: torch.Tensor, cache: Any, plan: ForwardPlan,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

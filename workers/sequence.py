@@ -1,6 +1,7 @@
 """One request's generation state inside a worker."""
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ class Sequence:
     max_tokens: int
     temperature: float
     top_p: float
-    generator: torch.Generator | None
+    generator: random.Random | torch.Generator | None  # a sampled row's own; None for greedy
     # capture slot -> the layer indices the client asked for that name it
     slots: dict[int, list[int]]
     detok: IncrementalDetokenizer
