@@ -65,4 +65,5 @@ def json_rows(buffer: bytes | memoryview, dtype: str, rows: int) -> bytes:
         return json_list(buffer, dtype)
     strings = shortest_strings(to_array(buffer, dtype), dtype)
     width = len(strings) // rows
-    return ("[" + ",".join("[" + ",".join(strings[r * width:(r + 1) * width]) + "]" for r in range(rows)) + "]").encode()
+    lines = ("[" + ",".join(strings[r * width:(r + 1) * width]) + "]" for r in range(rows))
+    return ("[" + ",".join(lines) + "]").encode()

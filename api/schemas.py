@@ -47,8 +47,9 @@ class GenerationFields(BaseModel):
     logit_lens: LogitLensSpec | None = Field(
         None, description="the LM head (after the final norm) applied to the listed layers' states, per token")
     steering: list[Intervention] | None = Field(
-        None, max_length=MAX_INTERVENTIONS, description="changes to this request's residual stream, applied in "
-                                                        "order (at most 16); returned hidden states are the steered ones")
+        None, max_length=MAX_INTERVENTIONS,
+        description="changes to this request's residual stream, applied in order (at most 16); "
+                    "returned hidden states are the steered ones")
 
     @field_validator("steering")
     @classmethod

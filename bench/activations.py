@@ -19,7 +19,7 @@ background load:
     python bench/activations.py            # ~6-8 minutes on 2 cores
     python bench/activations.py --quick    # shorter streams, fewer repetitions
 
-Figures, not assertions: the exit code is 0 unless the stack cannot start.
+Figures, not assertions: the exit code is 0 unless the model cannot be made (3) or the stack cannot start.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.common import BIG, DEFAULT_CACHE, MESSAGES, log, machine_info, rnd, run_json_subprocess, write_json  # noqa: E402
+from bench.common import BIG, DEFAULT_CACHE, MESSAGES, log, machine_info, make_models, rnd, write_json  # noqa: E402
 from bench.stack import Stack  # noqa: E402
 
 THREE_LAYERS = [0, 6, -1]
@@ -140,7 +140,9 @@ def bench_concurrent(url: str, model: str, tokens: int, reps: int, variants: dic
             "ratio": median_ratio(list(zip(runs[names[1]], runs[names[0]])))}
 
 
-def bench_rss(stack: Stack, model: str, tokens: int, hidden: int) -> dict[str, Any]:
+def bench_rss(stack: Stack, model: str, tokens: int, info: dict[str, Any]) -> dict[str, Any]:
+    hidden = info["hidden_size"]
+
     def peak_during(extra: dict[str, Any]) -> tuple[float, float, dict[str, Any]]:
         before = stack.workers_rss()
         peak = [before]
@@ -169,13 +171,16 @@ def bench_rss(stack: Stack, model: str, tokens: int, hidden: int) -> dict[str, A
     time.sleep(0.5)
     after = stack.workers_rss() / 2**20
     kept = with_states["tokens"] * len(THREE_LAYERS) * hidden * 4 / 2**20
+    kv = 2 * info["layers"] * info["kv_heads"] * info["head_dim"] * (tokens + 40) * 4 / 2**20
     return {"tokens": [plain["tokens"], with_states["tokens"]],
-            "worker_rss_mb": {"before": rnd(before_plain, 1), "peak_plain": rnd(peak_plain, 1),
+            "worker_rss_mb": {"before_plain": rnd(before_plain, 1), "peak_plain": rnd(peak_plain, 1),
                               "before_states": rnd(before_states, 1), "peak_states": rnd(peak_states, 1),
                               "after": rnd(after, 1)},
             "growth_plain_mb": rnd(peak_plain - before_plain, 1),
-            "growth_states_beyond_plain_mb": rnd(peak_states - max(peak_plain, before_states), 1),
-            "states_if_kept_mb": rnd(kept, 1)}
+            "growth_states_mb": rnd(peak_states - before_states, 1),
+            # What the states cost: the same stream's peak with them minus its peak without.
+            "peak_states_minus_peak_plain_mb": rnd(peak_states - peak_plain, 1),
+            "kv_cache_mb": rnd(kv, 1), "states_if_kept_mb": rnd(kept, 1)}
 
 
 def bench_wire(url: str, model: str, tokens: int) -> dict[str, Any]:
@@ -226,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     reps = 2 if args.quick else 5
     only = set(args.only or ["single", "concurrent", "rss", "wire", "embed", "steering"])
-    # Made (or found) by throughput.py's model-making mode, in a subprocess: this process never imports torch.
-    info = run_json_subprocess(["--_make-models", BIG, "--cache-dir", str(args.cache_dir)], timeout=1800)["models"][BIG]
+    made = make_models([BIG], args.cache_dir)  # in a subprocess: this process never imports torch
+    if made is None:
+        return 3
+    info = made["models"][BIG]
     log(f"model {BIG}: hidden {info['hidden_size']}, {info['layers']} layers, {info['parameters_m']}M parameters")
     stack = Stack([info["path"]], args.cache_dir / "logs")
     results: dict[str, Any] = {"machine": machine_info(), "model": info}
@@ -248,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if "rss" in only:
             tokens = 400 if args.quick else 2000
             log(f"worker RSS over a {tokens}-token stream, without then with per-token states of 3 layers")
-            results["rss"] = bench_rss(stack, model, tokens, hidden)
+            results["rss"] = bench_rss(stack, model, tokens, info)
             log(f"  {results['rss']}")
         if "wire" in only:
             results["wire"] = bench_wire(stack.url, model, 64)
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             log("steering: 1 stream steered vs not; 8 streams, 4 steered, vs 8 unsteered")
             single = bench_single(stack.url, model, 128, reps, {"unsteered": {}, "steered": steering(hidden, 0)})
             mixed = [steering(hidden, i) if i % 2 else {} for i in range(8)]
-            eight = bench_concurrent(stack.url, model, 128, max(2, reps // 2), {"unsteered": [{}] * 8, "half steered": mixed})
+            eight = bench_concurrent(stack.url, model, 128, max(2, reps // 2),
+                                     {"unsteered": [{}] * 8, "half steered": mixed})
             results["steering"] = {"single": single, "eight": eight}
             log(f"  {results['steering']}")
     finally:

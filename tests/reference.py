@@ -59,7 +59,8 @@ class Reference:
     # --- runs ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, ids: list[int], hooks: Callable[[Any], list[Any]] | None = None) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    def forward(self, ids: list[int],
+                hooks: Callable[[Any], list[Any]] | None = None) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """Every layer's states ([T, H], keyed 0..N and -1) and the logits ([T, V]) for `ids`."""
         model = self.model
         last: dict[str, torch.Tensor] = {}

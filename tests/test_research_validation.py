@@ -97,7 +97,8 @@ def test_bad_requests_do_not_disturb_a_running_stream(stack):
     thread.start()
     with stack.client() as client:
         for path, extra, _ in BAD:
-            r = client.post(path, content=json.dumps(_body(path, extra, TOY)), headers={"Content-Type": "application/json"})
+            r = client.post(path, content=json.dumps(_body(path, extra, TOY)),
+                            headers={"Content-Type": "application/json"})
             assert r.status_code == 422, r.text[:300]
     thread.join(120)
     events = got["events"]

@@ -47,7 +47,8 @@ def wire(items: list[dict]) -> list[dict]:
     for i, item in enumerate(items):
         vector = np.asarray(item["vector"], dtype=np.float32)
         if i % 2:
-            out.append({**item, "vector": base64.b64encode(vector.astype("<f4").tobytes()).decode(), "dtype": "float32"})
+            encoded = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+            out.append({**item, "vector": encoded, "dtype": "float32"})
         else:
             out.append({**item, "vector": vector.tolist()})
     return out

@@ -151,7 +151,8 @@ class ResearchMethods:
     def generate_batch(self, prompts: Sequence[str], model: str = "", **fields: Any) -> GenerateBatchResult:
         """Every prompt through the server's batch at once; `fields` as for `generate`.
         A bad prompt's entry is a BatchError; the others are GenerateResults."""
-        return _batch(self._call("POST", "/generate/batch", _batch_body(prompts, model, fields)))  # type: ignore[attr-defined]
+        body = _batch_body(prompts, model, fields)
+        return _batch(self._call("POST", "/generate/batch", body))  # type: ignore[attr-defined]
 
 
 class AsyncResearchMethods:
@@ -168,4 +169,5 @@ class AsyncResearchMethods:
         return _embeddings(await self._call("POST", "/embed/batch", body))  # type: ignore[attr-defined]
 
     async def generate_batch(self, prompts: Sequence[str], model: str = "", **fields: Any) -> GenerateBatchResult:
-        return _batch(await self._call("POST", "/generate/batch", _batch_body(prompts, model, fields)))  # type: ignore[attr-defined]
+        body = _batch_body(prompts, model, fields)
+        return _batch(await self._call("POST", "/generate/batch", body))  # type: ignore[attr-defined]
