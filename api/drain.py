@@ -21,6 +21,7 @@ import orjson
 import uvicorn
 
 from api.asgi import HttpMiddleware
+from api.events import error_body
 from loom import protocol as P
 
 log = logging.getLogger("loom.api")
@@ -54,7 +55,7 @@ class DrainMiddleware(HttpMiddleware):
         self.drain = drain
 
     async def http(self, scope: dict, receive: Any, send: Any) -> None:
-        if self.drain.draining:
+        if self.drain.draining and scope["path"] != "/metrics":  # a scrape may still watch the drain
             await _refuse(scope["path"], send)
             return
         if scope["path"] in NOT_COUNTED:
@@ -68,8 +69,6 @@ class DrainMiddleware(HttpMiddleware):
 
 
 async def _refuse(path: str, send: Any) -> None:
-    from api.events import error_body
-
     message = "the server is shutting down; retry (another server, or this one once it is back)"
     if path == "/health":
         body: dict[str, Any] = {"status": "draining", "reason": message}

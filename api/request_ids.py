@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from api.asgi import HttpMiddleware
+from api.events import error_body
 from loom import protocol as P
 from loom.logs import reset_request_id, set_request_id
 
@@ -70,8 +71,6 @@ class RequestIdMiddleware(HttpMiddleware):
 
 
 async def _internal_error(send: Any) -> None:
-    from api.events import error_body
-
     body = orjson.dumps(error_body(P.ErrorType.INTERNAL, "the server failed on this request"))
     await send({"type": "http.response.start", "status": 500,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
