@@ -1,7 +1,9 @@
 """A broker, workers and API processes started one by one, as supervisord runs them (for the operations tests)."""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -66,3 +68,50 @@ class Parts:
     def stop_all(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+
+
+class WorkerZygote:
+    """Starts `loom worker` processes by fork from a parent that has imported torch (tests/worker_zygote.py)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.worker_zygote"], cwd=REPO, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+        self.live: set[int] = set()
+
+    def _ask(self, command: dict) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the worker zygote exited with {self.proc.poll()}"
+        return json.loads(line)
+
+    def worker(self, backend: str, models: list[str], cwd: Path, log: Path) -> int:
+        argv = ["worker", "--broker", backend, "--device", "cpu", "--threads", "1"]
+        for m in models:
+            argv += ["--model", m]
+        pid = self._ask({"fork": argv, "cwd": str(cwd), "log": str(log)})["pid"]
+        self.live.add(pid)
+        return pid
+
+    def alive(self, pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return False
+
+    def stop(self, pid: int) -> int:
+        """SIGTERM the worker; its exit code."""
+        os.kill(pid, signal.SIGTERM)
+        self.live.discard(pid)
+        return self._ask({"wait": pid})["code"]
+
+    def close(self) -> None:
+        for pid in self.live:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.live.clear()
+        stop_group(self.proc)
