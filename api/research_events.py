@@ -104,7 +104,7 @@ class Collected:
 
     def fields(self, want: Want) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if want.positions != "last":
+        if want.positions != "last" and self.rows:  # no layers asked: no hidden_states at all
             states = {}
             for key, parts in sorted(self.rows.items(), key=lambda kv: _order(int(kv[0]))):
                 raw = b"".join(bytes(p[0]) for p in parts)

@@ -14,7 +14,10 @@ background load:
 4. bytes on the wire per token and layer (SSE, base64 and list), at hidden 768;
 5. /embed/batch of 64 texts ÷ 64 single /embed calls in sequence (<= 0.3 of the time);
 6. steering: a steered stream ÷ an unsteered one (>= 0.95), and 8 streams of
-   which 4 are steered ÷ 8 unsteered (>= 0.9).
+   which 4 are steered ÷ 8 unsteered (>= 0.9);
+7. the same costs inside the worker's loop alone (bench/activation_steps.py:
+   CPU milliseconds per decode step, no HTTP, no other process), a figure a
+   busy machine disturbs less than end-to-end tok/s.
 
     python bench/activations.py            # ~6-8 minutes on 2 cores
     python bench/activations.py --quick    # shorter streams, fewer repetitions
@@ -28,6 +31,7 @@ import asyncio
 import base64
 import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -128,6 +132,7 @@ def bench_single(url: str, model: str, tokens: int, reps: int, variants: dict[st
 
 def bench_concurrent(url: str, model: str, tokens: int, reps: int, variants: dict[str, list[dict]]) -> dict[str, Any]:
     runs: dict[str, list[float]] = {k: [] for k in variants}
+    counts: dict[str, list[int]] = {k: [] for k in variants}
     for _ in range(reps):
         for name, extras in variants.items():
             agg, results = streams(url, [body(model, tokens, **e) for e in extras])
@@ -135,8 +140,10 @@ def bench_concurrent(url: str, model: str, tokens: int, reps: int, variants: dic
             if errors:
                 log(f"  {name}: errors {errors[:2]}")
             runs[name].append(agg)
+            counts[name].append(sum(r.get("tokens", 0) for r in results))
     names = list(variants)
-    return {"aggregate_tok_s": {k: [rnd(v, 1) for v in vs] for k, vs in runs.items()},
+    # Tokens per run: a row that ends its turn early leaves a smaller batch, which is not slower per token.
+    return {"aggregate_tok_s": {k: [rnd(v, 1) for v in vs] for k, vs in runs.items()}, "tokens": counts,
             "ratio": median_ratio(list(zip(runs[names[1]], runs[names[0]])))}
 
 
@@ -227,10 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "activations.json")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--only", nargs="*", default=None,
-                   help="figures to run: single concurrent rss wire embed steering (default: all)")
+                   help="figures to run: single concurrent rss wire embed steering steps (default: all)")
     args = p.parse_args(argv)
     reps = 2 if args.quick else 5
-    only = set(args.only or ["single", "concurrent", "rss", "wire", "embed", "steering"])
+    only = set(args.only or ["single", "concurrent", "rss", "wire", "embed", "steering", "steps"])
     made = make_models([BIG], args.cache_dir)  # in a subprocess: this process never imports torch
     if made is None:
         return 3
@@ -275,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {results['steering']}")
     finally:
         stack.stop()
+    if "steps" in only:
+        log("inside the worker's loop: CPU ms per decode step, plain / states / steered")
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / "activation_steps.py"), "--model", info["path"],
+                               "--rounds", "2" if args.quick else "5"], capture_output=True, text=True, timeout=1800)
+        results["steps"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
+            "error": proc.stderr[-2000:]}
+        log(f"  {results['steps']}")
     write_json(args.out, results)
     log(f"wrote {args.out}")
     return 0

@@ -95,3 +95,26 @@ def test_embeddings_in_a_padded_prefill_match_the_pooled_reference(lm, ref, pool
             want = want / np.linalg.norm(want)
         assert final.arrays[0]["shape"] == [1, block.shape[1]] and final.completion_tokens == 0
         assert_close(got, want.astype(np.float32), f"{pooling} {prompt!r}")
+
+
+def test_a_model_whose_final_norm_cannot_be_found(lm, monkeypatch):
+    """The lens then serves only layer -1, the final state only at the last position: clear errors otherwise."""
+    import workers.hidden as hidden
+    from workers.runner import RequestError
+
+    monkeypatch.setattr(hidden, "_NORM_NAMES", ())
+    frames: list = []
+    runner = ModelRunner(lm, lambda msg, bufs: frames.append((msg, bufs)))
+    assert runner.hooks.norm is None
+    with pytest.raises(RequestError, match="logit_lens"):
+        runner.admit(P.Generate(rid="x", model="m", prompt="hi", lens_layers=[1], lens_top_k=2))
+    with pytest.raises(RequestError, match="hidden_state_positions"):
+        runner.admit(P.Generate(rid="y", model="m", prompt="hi", layers=[-1], positions="all"))
+    runner.admit(P.Generate(rid="z", model="m", prompt="hi", max_tokens=3, temperature=0, layers=[-1, 1],
+                            positions="generated", lens_layers=[-1], lens_top_k=1, logprobs=True))
+    _drive(runner)
+    tokens = [m for m, b in frames if isinstance(m, P.Token) and m.rid == "z"]
+    entries = [e for t in tokens for e in (t.logprobs or [])]
+    lenses = [t.lens for t in tokens if t.lens]
+    assert [lens["layers"]["-1"][0]["token_id"] for lens in lenses] == [e["token_id"] for e in entries]
+    assert all(spec["shape"] == [1, lm.hidden_size] for t in tokens for spec in t.arrays)
