@@ -49,6 +49,7 @@ OPERATIONS = [
     ("POST", "/generate/batch"),
     ("POST", "/analyze/geometry"),
     ("POST", "/analyze/bilateral"),
+    ("POST", "/patch"),
 ]
 
 
@@ -81,9 +82,11 @@ def bound(case: Any) -> None:
         return
     if case.path == "/generate/batch" and isinstance(body.get("prompts"), list) and len(body["prompts"]) <= 100:
         del body["prompts"][3:]  # each prompt is a generation: keep a fuzzed batch short (over 100 stays invalid)
-    if case.path not in ("/v1/chat/completions", "/generate", "/generate/batch"):
+    if case.path not in ("/v1/chat/completions", "/generate", "/generate/batch", "/patch"):
         return
     if "max_tokens" not in body:
+        if case.path == "/patch":
+            return  # /patch generates nothing unless asked
         body["max_tokens"] = FUZZ_MAX_TOKENS  # the default (256) would be a long run
         return
     tokens = body["max_tokens"]
