@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = BrokerClient(settings.broker, settings.curve)
         client.observer = GenerationMetrics()
         await client.start()
+        await client.wait_connected(settings.broker_wait_s)
         app.state.broker = client
         log.info("API up: broker %s, default model %s, API key %s", settings.broker, settings.default_model or "(none)",
                  "required" if settings.api_key else "not required")

@@ -109,6 +109,13 @@ class BrokerClient:
         self._tasks = [asyncio.create_task(self._read(), name="broker-reader"),
                        asyncio.create_task(self._ping(), name="broker-ping")]
 
+    async def wait_connected(self, timeout: float) -> bool:
+        """Whether the broker answered a ping within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not self.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.connected
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
                         help="on SIGTERM, seconds running requests get to finish before they are ended "
                              "(env LOOM_DRAIN_TIMEOUT; default %(default)g)")
+    parser.add_argument("--fd", type=int, default=None,
+                        help="serve on this inherited listening socket instead of binding --host/--port "
+                             "(loom serve passes one to each API process)")
+    parser.add_argument("--wait-for-broker", type=float, default=0.0, metavar="SECONDS",
+                        help="before accepting connections, wait up to this long for the broker to answer, so a "
+                             "(re)started process does not answer its first requests 503 (default %(default)g)")
     add_common_arguments(parser)
 
 
@@ -45,10 +51,16 @@ def run(args: argparse.Namespace) -> int:
         curve=argparse.Namespace(curve_keys=args.curve_keys, curve_name=args.curve_name) if args.curve_keys else None,
         required_models=args.require_model or required_models_from_env(),
         drain_timeout=args.drain_timeout,
+        broker_wait_s=args.wait_for_broker,
     )
     app = create_app(settings)
     # log_config=None: uvicorn's own lines go through Loom's handler (text or JSON, with request ids).
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=(args.log_level or "info").lower(),
                             access_log=False, timeout_graceful_shutdown=3, log_config=None)
-    DrainingServer(config, app).run()
+    if args.fd is not None:
+        from loom.listeners import inherited
+
+        DrainingServer(config, app).run(sockets=[inherited(args.fd)])
+    else:
+        DrainingServer(config, app).run()
     return 0

@@ -16,6 +16,7 @@ class Settings:
     curve: Namespace | None = None  # CURVE client settings for the broker connection
     required_models: list[str] = field(default_factory=list)  # /health is 503 until these are loaded
     drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
+    broker_wait_s: float = 0.0  # at start, how long to wait for the broker before serving
 
     @classmethod
     def from_env(cls) -> "Settings":

@@ -1,7 +1,9 @@
 """`loom serve`: the whole stack on one machine from one command.
 
-Starts the broker, one worker per device and the API as child processes,
-restarts a worker that dies, and stops every child on Ctrl-C or SIGTERM.
+Starts the broker, one worker per device and the API process(es) as child
+processes, restarts any that dies, and stops every child on Ctrl-C or SIGTERM.
+The HTTP port's sockets belong to this process (loom/listeners.py), so an API
+process that restarts finds its connections waiting.
 Children also get SIGTERM from the kernel if this process is killed outright
 (PR_SET_PDEATHSIG), so no worker outlives it.
 """
@@ -11,15 +13,18 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 
 from loom.config import DEFAULT_MODEL, add_common_arguments, env, setup_logging
+from loom.listeners import open_listeners
 
 log = logging.getLogger("loom.serve")
 
@@ -50,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-keys", default=env("LOOM_CURVE_KEYS"), help="key directory from `loom keys`")
     parser.add_argument("--api-key-file", default=env("LOOM_API_KEY_FILE"), help="require this bearer key over HTTP")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models that ship their own code")
+    parser.add_argument("--api-processes", type=int, default=int(env("LOOM_API_PROCESSES", "1") or 1),
+                        help="HTTP processes on the one port, each with its own broker connection; the kernel "
+                             "spreads connections over them (env LOOM_API_PROCESSES; default %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
                         help="on SIGTERM, seconds running requests get to finish before they are ended with an "
                              "error; then every process exits (env LOOM_DRAIN_TIMEOUT; default %(default)g)")
@@ -80,11 +88,25 @@ class Child:
     restarts: int = 0
     started: float = 0.0
     next_start: float = 0.0
+    pass_fds: tuple[int, ...] = ()  # an API process's listening socket
+    env: dict[str, str] | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, pass_fds=self.pass_fds, env=self.env)
         self.started = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+
+def _metrics_dir() -> tuple[str, bool]:
+    """PROMETHEUS_MULTIPROC_DIR for the API processes: the operator's, emptied, or a new one (True)."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return tempfile.mkdtemp(prefix="loom-metrics-"), True
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):  # counts of an earlier run are not this one's
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    return path, False
 
 
 def pick_devices(spec: str | None, workers: int | None) -> list[str]:
@@ -131,13 +153,28 @@ def run(args: argparse.Namespace) -> int:
             argv.append("--trust-remote-code")
         children.append(Child(f"worker {i} ({device})", argv, True))
     default_model = os.path.basename(os.path.normpath(models[0])) if os.path.isdir(models[0]) else models[0]
+    try:
+        listeners = open_listeners(args.host, args.port, max(1, args.api_processes))
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        return 1
+    args.port = listeners[0].getsockname()[1]
     api = [*py, "api", "--host", args.host, "--port", str(args.port), "--broker", frontend,
-           "--default-model", default_model, "--drain-timeout", str(args.drain_timeout), *curve, *common]
+           "--default-model", default_model, "--drain-timeout", str(args.drain_timeout),
+           "--wait-for-broker", "10", *curve, *common]
     for m in models:
         api += ["--require-model", m]  # /health is 503 "starting" until each is loaded
     if args.api_key_file:
         api += ["--api-key-file", args.api_key_file]
-    children.append(Child("api", api, True))
+    api_env, made_dir = None, None
+    if len(listeners) > 1:
+        # Prometheus counts of every API process, summed at each scrape (api/metrics.py).
+        metrics_dir, made = _metrics_dir()
+        api_env, made_dir = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}, metrics_dir if made else None
+    for i, sock in enumerate(listeners):
+        name = "api" if len(listeners) == 1 else f"api {i}"
+        children.append(Child(name, [*api, "--fd", str(sock.fileno())], True, pass_fds=(sock.fileno(),),
+                              env=api_env))
 
     stopping = False
 
@@ -162,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
                 announced = True
     finally:
         _stop_all(children, args.drain_timeout)
+        for sock in listeners:
+            sock.close()
+        if made_dir:
+            shutil.rmtree(made_dir, ignore_errors=True)
     return 0
 
 
@@ -195,10 +236,10 @@ def _ready(url: str) -> bool:
 def _stop_all(children: list[Child], drain_timeout: float) -> None:
     # The API first: it drains (new requests get 503, running ones finish)
     # while the workers and the broker still serve them; then workers, then the broker.
-    api = [c for c in children if c.name == "api"]
+    api = [c for c in children if c.name.startswith("api")]
     log.info("stopping %d processes: the API drains first (up to %gs)", len(children), drain_timeout)
     _stop(api, drain_timeout + 10)
-    _stop([c for c in reversed(children) if c.name != "api"], 8)
+    _stop([c for c in reversed(children) if c not in api], 8)
 
 
 def _stop(children: list[Child], timeout: float) -> None:
