@@ -54,7 +54,7 @@ def test_joins_steps_and_departures_match_a_reference(monkeypatch):
         if op < 0.15 or not rows:  # a group joins, sometimes with prompts longer than the history
             lengths = [rng.randint(1, 12 if rng.random() < 0.8 else 60) for _ in range(rng.randint(1, 5))]
             cache, mask, new = _prefill(rng, lengths)
-            kv.append_rows(cache, mask)
+            kv.append_rows(cache, mask, room=rng.randint(0, 20))  # rows said to be waiting
             for r in new:
                 real[next_id] = r
                 rows.append(next_id)

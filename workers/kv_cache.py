@@ -78,14 +78,14 @@ class GrowingLayer(DynamicLayer):
         self.start += trim
         self._views()
 
-    def join(self, keys: torch.Tensor, values: torch.Tensor, grow: int) -> None:
+    def join(self, keys: torch.Tensor, values: torch.Tensor, grow: int, room: int = 0) -> None:
         """Add rows `keys`/`values` ([n, heads, length, dim], right-aligned) below the others,
-        whose history first gains `grow` padding columns on the left."""
+        whose history first gains `grow` padding columns on the left; new buffers get `room` more rows."""
         n, length = keys.shape[0], keys.shape[-2]
         rows = self.rows
         if rows + n > self._k.shape[0] or self.start < grow:
             width = self._length - self.start
-            capacity = _round_up(rows + n, ROW_ROOM)
+            capacity = _round_up(rows + n + room, ROW_ROOM)
             self._k = _with_room(self.keys, capacity, grow + width + GROW_COLUMNS, left=grow)
             self._v = _with_room(self.values, capacity, grow + width + GROW_COLUMNS, left=grow)
             self.start, self._length = grow, grow + width
@@ -144,19 +144,20 @@ class BatchCache:
         """Whether any row has padding; without it the model needs no mask."""
         return self._padded
 
-    def append_rows(self, rows_cache: Any, rows_mask: torch.Tensor) -> None:
-        """Add prefilled sequences (their own cache and [n, length] mask) as the last rows."""
+    def append_rows(self, rows_cache: Any, rows_mask: torch.Tensor, room: int = 0) -> None:
+        """Add prefilled sequences (their own cache and [n, length] mask) as the last rows;
+        buffers made now have room for `room` more (rows about to join)."""
         length = rows_mask.shape[1]
         if self.cache is None:
             self.mask = rows_mask
-            rows_cache.layers = [GrowingLayer(layer.keys, layer.values, rows=_round_up(rows_mask.shape[0], ROW_ROOM))
-                                 for layer in rows_cache.layers]
+            rows = _round_up(rows_mask.shape[0] + room, ROW_ROOM)
+            rows_cache.layers = [GrowingLayer(layer.keys, layer.values, rows=rows) for layer in rows_cache.layers]
             self.cache = rows_cache
         else:
             width = max(self.width, length)
             grow = width - self.width
             for layer, new in zip(self.cache.layers, rows_cache.layers):
-                layer.join(new.keys, new.values, grow)
+                layer.join(new.keys, new.values, grow, room)
             self.mask = torch.cat([_pad_left(self.mask, grow, 1), _pad_left(rows_mask, width - length, 1)], dim=0)
         self._padded = bool((self.mask == 0).any())
 

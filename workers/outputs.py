@@ -18,6 +18,7 @@ from workers.lens import LogitLens
 from workers.logprobs import TokenTexts, logprob_entries
 from workers.pooling import pool
 from workers.sequence import Sequence
+from workers.staging import HostStaging, host_array
 from workers.steering import plan as steering_plan
 
 
@@ -51,10 +52,7 @@ class Captured:
 
 def raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes, little-endian, as they are in memory: no float lists."""
-    t = tensor.detach().to("cpu").contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)  # numpy has no bfloat16; the bits travel as they are
-    return memoryview(np.ascontiguousarray(t.numpy()).data)
+    return memoryview(np.ascontiguousarray(host_array(tensor.detach().to("cpu").contiguous())).data)
 
 
 class Outputs:
@@ -66,6 +64,7 @@ class Outputs:
         self.device = device
         self.num_layers = hooks.num_layers
         self.hidden_size = hidden_size
+        self.staging = HostStaging(device, "capture")
 
     # --- before the forward pass ----------------------------------------------------
 
@@ -91,15 +90,30 @@ class Outputs:
 
     # --- after it --------------------------------------------------------------------
 
-    def spec(self, seq: Sequence, slot: int, states: torch.Tensor, position: int | None) -> tuple[dict[str, Any], Any]:
-        """An ArraySpec and its buffer for `states` ([n, H]); `position` of its first row (None: not per-position)."""
+    def spec(self, seq: Sequence, slot: int, states: torch.Tensor, position: int | None,
+             buffer: Any = None) -> tuple[dict[str, Any], Any]:
+        """An ArraySpec and its buffer for `states` ([n, H]) (`buffer`: its bytes, already on the host);
+        `position` of its first row (None: not per-position)."""
         spec: dict[str, Any] = {"layer": layer_label(slot, self.num_layers), "keys": seq.slots[slot],
                                 "shape": [int(states.shape[0]), int(states.shape[-1])],
                                 "dtype": "float32" if states.dtype == torch.float32 else self.dtype_name}
         if position is not None:
             spec["position"] = position
             spec["prompt_tokens"] = len(seq.prompt_ids)
-        return spec, raw_bytes(states)
+        return spec, raw_bytes(states) if buffer is None else buffer
+
+    def _stream(self, streamed: list[tuple[RowOut, Sequence, int]]) -> None:
+        """This step's state of each (row, slot) that streams: one copy to the host per step (per dtype)."""
+        groups: dict[tuple[torch.dtype, int], list[tuple[RowOut, Sequence, int]]] = {}
+        for entry in streamed:
+            state = entry[1].hidden[entry[2]]
+            groups.setdefault((state.dtype, state.shape[-1]), []).append(entry)
+        for entries in groups.values():
+            host = self.staging.rows([seq.hidden[slot] for _, seq, slot in entries])
+            for (out, seq, slot), buf in zip(entries, host):
+                spec, buf = self.spec(seq, slot, seq.hidden[slot][None], seq.position, buf)
+                out.specs.append(spec)
+                out.buffers.append(buf)
 
     def prompt_states(self, seq: Sequence, got: Captured, row: int) -> tuple[list[dict[str, Any]], list[Any]]:
         """The prompt's [P, H] block per asked layer, padding stripped."""
@@ -126,20 +140,19 @@ class Outputs:
         outs: dict[int, RowOut] = {}
         lp_rows = []
         lens_rows: dict[int, list[int]] = {}
+        streamed: list[tuple[RowOut, Sequence, int]] = []
         for i in rows:
             seq = seqs[i]
             for slot in seq.slots:
                 seq.hidden[slot] = got.last(slot, i)
             out = outs[i] = RowOut()
             if seq.positions == "generated" or (seq.positions == "all" and not prefill):
-                for slot in seq.slots:
-                    spec, buf = self.spec(seq, slot, seq.hidden[slot][None], seq.position)
-                    out.specs.append(spec)
-                    out.buffers.append(buf)
+                streamed.extend((out, seq, slot) for slot in seq.slots)
             if seq.top_logprobs >= 0:
                 lp_rows.append(i)
             for slot in seq.lens_slots:
                 lens_rows.setdefault(slot, []).append(i)
+        self._stream(streamed)
         if lp_rows:
             index = torch.tensor(lp_rows, dtype=torch.long, device=logits.device)
             entries = logprob_entries(logits.index_select(0, index), [tokens[i] for i in lp_rows],

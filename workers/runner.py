@@ -22,6 +22,7 @@ from workers.model_store import DTYPE_NAMES, LoadedModel
 from workers.outputs import Captured, Outputs, RowOut
 from workers.sampling import choose_tokens
 from workers.sequence import Sequence
+from workers.staging import to_device
 
 __all__ = ["ModelRunner", "RequestError"]
 
@@ -182,16 +183,16 @@ class ModelRunner:
                 layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
             mask = mask.index_select(0, index)
         self.rows.extend(seqs[i] for i in keep)
-        self.kv.append_rows(cache, mask)
+        self.kv.append_rows(cache, mask, room=len(self.pending))  # the waiting join next: room for them too
 
     def _decode(self) -> None:
         lm = self.loaded
         rows = self.rows
-        input_ids = torch.tensor([[s.last_token] for s in rows], dtype=torch.long, device=lm.device)
+        input_ids = to_device([[s.last_token] for s in rows], torch.long, lm.device)  # no wait on a GPU
         plan, rows_by_slot = self.outputs.plan(rows, prefill=False)
         mask = self.kv.next_mask()
         if self.kv.padded:
-            positions = torch.tensor([[s.position] for s in rows], dtype=torch.long, device=lm.device)
+            positions = to_device([[s.position] for s in rows], torch.long, lm.device)
             logits, captured = self._forward(input_ids, self.kv.cache, plan, attention_mask=mask,
                                              position_ids=positions)
         else:

@@ -21,6 +21,8 @@ from typing import Sequence as Seq, Union
 
 import torch
 
+from workers.staging import to_device
+
 Generator = Union[random.Random, torch.Generator, None]
 
 
@@ -41,15 +43,16 @@ def choose_tokens(logits: torch.Tensor, temperatures: Seq[float], top_ps: Seq[fl
     device = logits.device
     every = len(sampled) == logits.shape[0]
     rows = logits if every else logits[sampled]
-    weights = _weights(rows.float(), torch.tensor([temperatures[i] for i in sampled], device=device))
-    tops = torch.tensor([top_ps[i] for i in sampled], dtype=weights.dtype, device=device)
+    weights = _weights(rows.float(), to_device([temperatures[i] for i in sampled], torch.float32, device))
+    tops = to_device([top_ps[i] for i in sampled], torch.float32, device).to(weights.dtype)
 
     def uniforms(active: list[int]) -> torch.Tensor:
-        # The generators live on the CPU; only these numbers travel, so on a
-        # GPU a step has one host sync (the final tolist), not a [rows, vocab] copy.
-        return torch.tensor([_uniform(generators[sampled[j]]) for j in active], dtype=torch.float64, device=device)
+        # The generators live on the CPU; only these numbers travel (from
+        # pinned memory, without waiting), so on a GPU a step without a
+        # nucleus has one host sync (the final tolist), not a [rows, vocab] copy.
+        return to_device([_uniform(generators[sampled[j]]) for j in active], torch.float64, device)
 
-    picks = _draw(weights, tops, uniforms)
+    picks = _draw(weights, tops, uniforms, cut_any=any(not top_ps[i] >= 1.0 for i in sampled))
     if every:
         return picks.tolist()
     chosen = logits.argmax(dim=-1)
@@ -76,13 +79,13 @@ def _weights(rows: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
     return (rows - rows.max(dim=-1, keepdim=True).values).div_(temps[:, None]).exp_()
 
 
-def _draw(weights: torch.Tensor, top_ps: torch.Tensor, uniforms) -> torch.Tensor:
-    """A token per row from `weights` cut to each row's nucleus; uniforms(active rows) gives their draws."""
+def _draw(weights: torch.Tensor, top_ps: torch.Tensor, uniforms, cut_any: bool) -> torch.Tensor:
+    """A token per row from `weights` cut to each row's nucleus (`cut_any`: some row has one);
+    uniforms(active rows) gives their draws. Each rejection round is a host sync (which rows redraw)."""
     n = weights.shape[0]
     picks = torch.empty(n, dtype=torch.long, device=weights.device)
     limit = None
     uncut = top_ps >= 1.0
-    cut_any = not bool(uncut.all())
     active = list(range(n))
     w, floor = weights, None  # floor: each active row's candidates are the tokens heavier than it
     while True:
