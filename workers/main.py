@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=int(env("LOOM_WORKER_CAPACITY", "64") or 64),
                         help="most requests this worker runs at once (env LOOM_WORKER_CAPACITY; default %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--prefill-threads", type=int, default=None,
+                        help="CPU threads a prefill may use while nothing else decodes, if measured faster "
+                             "(default: --threads, i.e. no more)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow models that ship their own Python code (off by default: it runs arbitrary code)")
     add_curve_client_arguments(parser)
@@ -64,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prefill_threads and not args.device.startswith("cuda"):
+        from workers.prefill_threads import PREFILL
+
+        PREFILL.configure(torch.get_num_threads(), args.prefill_threads)
     # The socket thread must get the GIL soon after a token is ready; the
     # default 5 ms switch interval would add up to 5 ms to its relay.
     sys.setswitchinterval(0.0005)

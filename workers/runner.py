@@ -21,6 +21,7 @@ from workers.logprobs import TokenTexts
 from workers.model_store import DTYPE_NAMES, LoadedModel
 from workers.outputs import Captured, Outputs, RowOut
 from workers.sampling import choose_tokens
+from workers.prefill_threads import PREFILL
 from workers.sequence import Sequence
 from workers.staging import to_device
 
@@ -88,7 +89,8 @@ class ModelRunner:
         while self.pending:
             group = self._prefill_group()
             try:
-                self._prefill(group)
+                with PREFILL.around(idle=not self.rows, tokens=sum(len(s.prompt_ids) for s in group)):
+                    self._prefill(group)
             except Exception:
                 # Put back whatever did not join, so fail_all answers it too.
                 self.pending[:0] = [s for s in group if s not in self.rows]
