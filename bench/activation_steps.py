@@ -25,14 +25,16 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def variants(hidden: int) -> dict[str, list[dict[str, Any]]]:
+def variants(hidden: int, layers: int) -> dict[str, list[dict[str, Any]]]:
+    middle = layers // 2
     import numpy as np
 
     def steer(seed: int) -> dict[str, Any]:
         vector = np.random.default_rng(seed).standard_normal(hidden).astype("<f4")
-        return {"steering": [{"layer": 6, "vector": vector.tobytes(), "scale": 0.5, "op": "add", "positions": "all"}]}
+        return {"steering": [{"layer": middle, "vector": vector.tobytes(), "scale": 0.5, "op": "add",
+                              "positions": "all"}]}
 
-    states = {"layers": [0, 6, -1], "positions": "generated"}
+    states = {"layers": [0, middle, -1], "positions": "generated"}
     return {
         "1 row": [{}], "1 row, states of 3 layers": [states], "1 row, steered": [steer(0)],
         "8 rows": [{}] * 8, "8 rows, states of 3 layers": [states] * 8,
@@ -61,12 +63,44 @@ def step_ms(lm: Any, extras: list[dict[str, Any]], steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def peak_rss_mb(lm: Any, extra: dict[str, Any], tokens: int) -> float:
+    """This process's peak RSS while one request streams `tokens` tokens (sampled every 50 ms)."""
+    import threading
+
+    import psutil
+
+    from loom import protocol as P
+    from workers.runner import ModelRunner
+
+    proc = psutil.Process()
+    peak = [proc.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    runner = ModelRunner(lm, lambda msg, buffers: P.encode(msg, buffers))
+    runner.admit(P.Generate(rid="r", model="m", prompt="Hello, tell me a long story.", max_tokens=tokens,
+                            temperature=0, **extra))
+    while runner.active:
+        runner.step()
+    done.set()
+    watcher.join()
+    return peak[0] / 2**20
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model directory (the 90M bench model)")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rss-tokens", type=int, default=0,
+                   help="also: peak RSS over streams of this many tokens, without / with states of 3 layers, twice")
     args = p.parse_args(argv)
     import torch
 
@@ -74,15 +108,24 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     lm = load_model("m", args.model, "float32", "cpu")
-    cases = variants(lm.hidden_size)
+    cases = variants(lm.hidden_size, lm.num_layers)
     runs: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
         for name, extras in cases.items():
             runs[name].append(step_ms(lm, extras, args.steps))
     ms = {name: round(statistics.median(v), 2) for name, v in runs.items()}
     ratios = {name: round(ms[name.split(",")[0]] / ms[name], 3) for name in ms if "," in name}
-    print(json.dumps({"ms_per_step": ms, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
-                      "tok_s_ratio_to_plain": ratios, "threads": args.threads}))
+    out: dict[str, Any] = {"ms_per_step": ms, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
+                           "tok_s_ratio_to_plain": ratios, "threads": args.threads}
+    if args.rss_tokens:
+        states = {"layers": [0, lm.num_layers // 2, -1], "positions": "generated"}
+        peaks = {"without": [], "with states": []}
+        for _ in range(2):  # the first stream also sizes the allocator: compare the later ones
+            peaks["without"].append(round(peak_rss_mb(lm, {}, args.rss_tokens), 1))
+            peaks["with states"].append(round(peak_rss_mb(lm, states, args.rss_tokens), 1))
+        out["peak_rss_mb"] = peaks
+        out["peak_with_minus_without_mb"] = round(peaks["with states"][-1] - max(peaks["without"]), 1)
+    print(json.dumps(out))
     return 0
 
 

@@ -33,8 +33,9 @@ def test_embed_matches_the_pooled_reference(stack, ref, pooling, layer, normaliz
                          f"/embed {pooling} {layer}")
             b64 = client.post("/embed", json={**body, "hidden_state_format": "base64"}).json()
             assert b64["encoding"] == "base64"
-            assert np.array_equal(np.frombuffer(base64.b64decode(b64["embedding"]), dtype="<f4"),
-                                  np.array(answer["embedding"], dtype=np.float32))
+            # A second run: equal but for the last bits a CPU kernel may vary by between runs.
+            assert_close(np.frombuffer(base64.b64decode(b64["embedding"]), dtype="<f4"),
+                         np.array(answer["embedding"], dtype=np.float32), "base64 = list", tol=1e-6)
 
 
 def test_embed_batch_equals_the_reference_and_keeps_order(stack, ref):

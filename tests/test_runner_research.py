@@ -118,3 +118,18 @@ def test_a_model_whose_final_norm_cannot_be_found(lm, monkeypatch):
     lenses = [t.lens for t in tokens if t.lens]
     assert [lens["layers"]["-1"][0]["token_id"] for lens in lenses] == [e["token_id"] for e in entries]
     assert all(spec["shape"] == [1, lm.hidden_size] for t in tokens for spec in t.arrays)
+
+
+def test_interventions_that_change_nothing_attach_no_hook(lm):
+    """A zero vector, or scale 0, is skipped outright: the row computes exactly what it would unsteered."""
+    zero = np.zeros(lm.hidden_size, dtype="<f4").tobytes()
+    ones = np.ones(lm.hidden_size, dtype="<f4").tobytes()
+    runner = ModelRunner(lm, lambda msg, bufs: None)
+    for rid, item in [("a", {"vector": zero, "op": "add"}), ("b", {"vector": zero, "op": "ablate"}),
+                      ("c", {"vector": ones, "scale": 0.0})]:
+        runner.admit(P.Generate(rid=rid, model="m", prompt="hi", max_tokens=3, temperature=0,
+                                steering=[{"layer": 1, **item}]))
+    plan, _ = runner.outputs.plan(runner.pending, prefill=True)
+    assert not plan.steer and not plan
+    runner.step()
+    assert not runner.hooks._handles

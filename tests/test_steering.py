@@ -96,7 +96,10 @@ def test_a_zero_vector_or_scale_changes_nothing(stack, ref, plain, case):
         steered = generate(client, stack, wire([item]))
         unsteered = generate(client, stack, None)
     assert steered["text"] == unsteered["text"]
-    assert np.array_equal(decode_array(steered["hidden_states"]["-1"]), decode_array(unsteered["hidden_states"]["-1"]))
+    # Two separate runs: equal up to the last bits a CPU kernel may vary by (the worker skips such
+    # an intervention outright: test_runner_research.py checks that no hook runs for it).
+    assert_close(decode_array(steered["hidden_states"]["-1"]), decode_array(unsteered["hidden_states"]["-1"]),
+                 case, tol=1e-6)
 
 
 def test_in_a_batch_of_8_every_request_equals_its_solo_run(stack, ref, plain):
