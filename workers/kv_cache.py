@@ -150,7 +150,7 @@ class BatchCache:
         length = rows_mask.shape[1]
         if self.cache is None:
             self.mask = rows_mask
-            rows = _round_up(rows_mask.shape[0] + room, ROW_ROOM)
+            rows = rows_mask.shape[0] + room  # exact: a lone request holds no spare rows
             rows_cache.layers = [GrowingLayer(layer.keys, layer.values, rows=rows) for layer in rows_cache.layers]
             self.cache = rows_cache
         else:

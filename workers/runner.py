@@ -37,9 +37,10 @@ MAX_PREFILL_ROWS = 16
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, emit: Emit):
+    def __init__(self, loaded: LoadedModel, emit: Emit, flush: Callable[[], None] = lambda: None):
         self.loaded = loaded
         self.emit = emit
+        self.flush = flush  # sends what emit holds back (the engine batches a step's tokens)
         self.hooks = LayerHooks(loaded.model, loaded.num_layers)
         self.kv = BatchCache()
         self.rows: list[Sequence] = []
@@ -177,6 +178,7 @@ class ModelRunner:
         outs = self._outputs(seqs, logits, tokens, got, prefill=True, skip=done)
         keep = [i for i, (s, t) in enumerate(zip(seqs, tokens))
                 if i not in done and not self._advance(s, t, outs.get(i))]
+        self.flush()  # the first tokens leave now, not after the cache merge below
         if not keep:
             return
         if len(keep) != len(seqs):
