@@ -93,12 +93,31 @@ def peak_rss_mb(lm: Any, extra: dict[str, Any], tokens: int) -> float:
     return peak[0] / 2**20
 
 
+def embed_seconds(lm: Any, texts: list[str], together: bool) -> float:
+    """Wall seconds for the worker alone to embed `texts`: all admitted at once (prefilled in groups), or one by one."""
+    from loom import protocol as P
+    from workers.runner import ModelRunner
+
+    runner = ModelRunner(lm, lambda msg, buffers: P.encode(msg, buffers))
+    t0 = time.perf_counter()
+    for i, text in enumerate(texts):
+        runner.admit(P.Generate(rid=str(i), model="m", prompt=text, layers=[-1], pooling="last_token"))
+        if not together:
+            while runner.active:
+                runner.step()
+    while runner.active:
+        runner.step()
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a model directory (the 90M bench model)")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--embed", action="store_true",
+                   help="also: 64 texts embedded together ÷ one by one, in the worker alone (short texts, sentences)")
     p.add_argument("--rss-tokens", type=int, default=0,
                    help="also: peak RSS over streams of this many tokens, without / with states of 3 layers, twice")
     args = p.parse_args(argv)
@@ -117,6 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {name: round(ms[name.split(",")[0]] / ms[name], 3) for name in ms if "," in name}
     out: dict[str, Any] = {"ms_per_step": ms, "runs": {k: [round(x, 2) for x in v] for k, v in runs.items()},
                            "tok_s_ratio_to_plain": ratios, "threads": args.threads}
+    if args.embed:
+        sets = {"short texts": [f"word {i}" for i in range(64)],
+                "sentences": [f"Sentence number {i}: the quick brown fox jumps over the lazy dog near the river bank."
+                              for i in range(64)]}
+        out["embed_together_over_one_by_one"] = {}
+        for name, texts in sets.items():
+            pairs = [(embed_seconds(lm, texts, True), embed_seconds(lm, texts, False)) for _ in range(2)]
+            tokens = len(lm.tokenizer(texts[0])["input_ids"])
+            out["embed_together_over_one_by_one"][name] = {
+                "tokens_per_text": tokens, "seconds": [[round(a, 2), round(b, 2)] for a, b in pairs],
+                "ratio": round(statistics.median(a / b for a, b in pairs), 3)}
     if args.rss_tokens:
         states = {"layers": [0, lm.num_layers // 2, -1], "positions": "generated"}
         peaks = {"without": [], "with states": []}

@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if "steps" in only:
         log("inside the worker's loop: CPU ms per decode step, plain / states / steered")
         proc = subprocess.run([sys.executable, str(REPO / "bench" / "activation_steps.py"), "--model", info["path"],
-                               "--rounds", "2" if args.quick else "5", "--rss-tokens", "400" if args.quick else "2000"],
+                               "--rounds", "2" if args.quick else "5", "--rss-tokens", "400" if args.quick else "2000", "--embed"],
                               capture_output=True, text=True, timeout=3600)
         results["steps"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {
             "error": proc.stderr[-2000:]}
