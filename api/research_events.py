@@ -10,7 +10,7 @@ whole array into Python floats.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from api.events import Want, _order, array_entry, delta_event, sse
 from loom import protocol as P
@@ -26,30 +26,30 @@ def token_index(position: int, prompt_tokens: int) -> int | None:
     return position - first if position >= first else None
 
 
-def _by_position(arrays: list[dict[str, Any]], buffers: list[Any], want: Want) -> dict[int, tuple[int, dict]]:
-    """position -> (prompt_tokens, {layer key: [1, H] entry}) for every row of every array."""
-    rows: dict[int, tuple[int, dict]] = {}
+def states_events(arrays: list[dict[str, Any]], buffers: list[Any], want: Want) -> Iterator[bytes]:
+    """One `hidden_states` event per position, all layers in each, made one at a time: a long
+    prompt's block becomes its events without all of them ever being in memory at once."""
+    rows = []  # (first position, rows, bytes per row, spec, raw buffer) per array
     for spec, buf in zip(arrays, buffers):
         raw = _raw(buf)
-        n, width = (spec["shape"] + [1, 1])[:2]
-        size = len(raw) // n if n else 0
-        start = spec.get("position", 0)
-        for r in range(n):
-            prompt_tokens, layers = rows.setdefault(start + r, (spec.get("prompt_tokens", 0), {}))
-            entry = array_entry(raw[r * size:(r + 1) * size], [1, width], spec["dtype"], want)
+        n = (spec["shape"] or [1])[0]
+        rows.append((spec.get("position", 0), n, len(raw) // n if n else 0, spec, raw))
+    positions = sorted({start + r for start, n, _, _, _ in rows for r in range(n)})
+    for position in positions:
+        layers: dict[str, Any] = {}
+        prompt_tokens = 0
+        for start, n, size, spec, raw in rows:
+            r = position - start
+            if not 0 <= r < n:
+                continue
+            prompt_tokens = spec.get("prompt_tokens", 0)
+            entry = array_entry(raw[r * size:(r + 1) * size], [1, spec["shape"][-1]], spec["dtype"], want)
             for key in spec["keys"]:
                 layers[str(key)] = entry
-    return rows
-
-
-def states_events(arrays: list[dict[str, Any]], buffers: list[Any], want: Want) -> list[bytes]:
-    events = []
-    for position, (prompt_tokens, layers) in sorted(_by_position(arrays, buffers, want).items()):
-        events.append(sse("hidden_states", {
+        yield sse("hidden_states", {
             "type": "hidden_states", "position": position, "token_index": token_index(position, prompt_tokens),
             "hidden_states": dict(sorted(layers.items(), key=lambda kv: _order(int(kv[0])))),
-        }))
-    return events
+        })
 
 
 def lens_event(lens: dict[str, Any]) -> bytes:
@@ -73,7 +73,7 @@ def token_events(msg: P.Token, buffers: list[Any], want: Want) -> bytes:
     no delta; its logprobs come with the delta that carries its text, or, at
     the very end, with a delta of empty text.
     """
-    events = states_events(msg.arrays, buffers, want) if msg.arrays else []
+    events = list(states_events(msg.arrays, buffers, want)) if msg.arrays else []
     if msg.lens is not None:
         events.append(lens_event(msg.lens))
     if msg.logprobs is not None:
