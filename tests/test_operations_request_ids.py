@@ -43,7 +43,8 @@ def test_the_clients_id_is_kept_and_in_error_bodies(stack: Stack):
 
 def test_unsafe_ids_are_cleaned_and_bounded(stack: Stack):
     with stack.client() as client:
-        r = client.get("/health", headers={"X-Request-Id": b"abc\xe9 <script>\x7f" + b"x" * 500})
+        # Legal in an HTTP header (httptools refuses control bytes such as DEL outright), unsafe in a log line.
+        r = client.get("/health", headers={"X-Request-Id": b"abc\xe9 <script>\t" + b"x" * 500})
     assert r.headers["x-request-id"] == ("abcscript" + "x" * 500)[:128]
     with stack.client() as client:
         r = client.get("/health", headers={"X-Request-Id": "<>\"'"})  # nothing usable: a new one
