@@ -15,9 +15,22 @@ BACKLOG = 2048
 
 
 def open_listeners(host: str, port: int, count: int) -> list[socket.socket]:
-    """`count` listening sockets bound to host:port (port 0: one free port for all)."""
+    """`count` listening sockets bound to host:port (port 0: one free port for all).
+
+    Raises OSError (EADDRINUSE) when anything else holds the port, another
+    `loom serve` included: SO_REUSEPORT alone would let a second server of the
+    same user share the port and take half of the first one's connections.
+    """
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
+    # A plain bind first: it fails if any socket holds the port, SO_REUSEPORT or not;
+    # once ours are bound, the same check fails for anyone after us.
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        probe.bind(address)
+        address = probe.getsockname()  # the port it got, when 0 was asked
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
@@ -28,7 +41,6 @@ def open_listeners(host: str, port: int, count: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(address)
-            address = sock.getsockname()  # the port the first one got, when 0 was asked
             sock.listen(BACKLOG)
             sock.set_inheritable(True)
     except OSError:

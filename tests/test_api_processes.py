@@ -12,6 +12,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -19,7 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import TOY
-from tests.helpers import start_stack, wait_until
+from tests.helpers import REPO, start_stack, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +152,12 @@ def test_a_killed_process_is_restarted_and_no_request_is_lost(served):
     assert "exited with code -9; restarting" in served.log()
     for conn in [conn, *spare]:
         conn.close()
+
+
+def test_a_second_server_cannot_share_the_port(served):
+    """SO_REUSEPORT would let another `loom serve` take half of this one's connections: it must fail instead."""
+    port = served.url.rsplit(":", 1)[1]
+    second = subprocess.run([sys.executable, "-m", "loom", "serve", "--port", port, "--api-processes", "2"],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert second.returncode == 1 and "cannot listen" in second.stderr + second.stdout, second
+    assert generate(served)["usage"]["completion_tokens"] == 4  # the first one still serves
