@@ -11,12 +11,13 @@ The server documents its answers with these same models (api/routes_analysis.py)
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from loom.client.models import _Shape
+from loom.client.responses import parse
 
 try:  # orjson (a dependency of the server) writes 1,000 x 4,096 floats 10x faster
     import orjson
@@ -25,8 +26,6 @@ except ImportError:  # pragma: no cover - the client alone needs only the standa
 
 __all__ = ["AnalysisMethods", "AsyncAnalysisMethods", "BilateralAnalysis", "DirectionalCoverage",
            "GeometryAnalysis", "GrainAnalysis", "WolfAxiom"]
-
-T = TypeVar("T", bound=BaseModel)
 
 
 class WolfAxiom(_Shape):
@@ -122,12 +121,6 @@ def _bilateral_body(sender: Any, receiver: Any, seed: int) -> dict[str, Any]:
     return {"sender_vectors": _rows(sender), "receiver_vectors": _rows(receiver), "seed": seed}
 
 
-def _parsed(model: type[T], response: httpx.Response) -> T:
-    from loom.client.client import _parse  # client.py imports this module: its clients inherit the mixins
-
-    return _parse(model, response)
-
-
 class AnalysisMethods:
     """LoomClient's analysis calls (a mixin: uses the client's `_http` and `_send`)."""
 
@@ -136,12 +129,12 @@ class AnalysisMethods:
     def analyze_geometry(self, vectors: Any, seed: int = 0) -> GeometryAnalysis:
         """Density, coverage and grains of one set (n >= 3 vectors, one a row)."""
         request = _request(self._http, "/analyze/geometry", _geometry_body(vectors, seed))
-        return _parsed(GeometryAnalysis, self._send(request))  # type: ignore[attr-defined]
+        return parse(GeometryAnalysis, self._send(request))  # type: ignore[attr-defined]
 
     def analyze_bilateral(self, sender: Any, receiver: Any, seed: int = 0) -> BilateralAnalysis:
         """How alike two sets of the same dimension are."""
         request = _request(self._http, "/analyze/bilateral", _bilateral_body(sender, receiver, seed))
-        return _parsed(BilateralAnalysis, self._send(request))  # type: ignore[attr-defined]
+        return parse(BilateralAnalysis, self._send(request))  # type: ignore[attr-defined]
 
 
 class AsyncAnalysisMethods:
@@ -151,8 +144,8 @@ class AsyncAnalysisMethods:
 
     async def analyze_geometry(self, vectors: Any, seed: int = 0) -> GeometryAnalysis:
         request = _request(self._http, "/analyze/geometry", _geometry_body(vectors, seed))
-        return _parsed(GeometryAnalysis, await self._send(request))  # type: ignore[attr-defined]
+        return parse(GeometryAnalysis, await self._send(request))  # type: ignore[attr-defined]
 
     async def analyze_bilateral(self, sender: Any, receiver: Any, seed: int = 0) -> BilateralAnalysis:
         request = _request(self._http, "/analyze/bilateral", _bilateral_body(sender, receiver, seed))
-        return _parsed(BilateralAnalysis, await self._send(request))  # type: ignore[attr-defined]
+        return parse(BilateralAnalysis, await self._send(request))  # type: ignore[attr-defined]

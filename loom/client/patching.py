@@ -5,8 +5,7 @@
         print(row["layer"], row["component"], row["recovered"])
 
 The methods live in mixins that the client classes inherit, so the request
-body is written once for both (client.py imports this module, so its helpers
-are imported when a method first runs).
+body is written once for both.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from loom.client.models import _Shape
+from loom.client.responses import parse
 
 __all__ = ["PatchRun", "PatchedRun", "PatchToken", "PatchResult", "PatchMixin", "AsyncPatchMixin"]
 
@@ -79,11 +79,9 @@ class PatchMixin:
         Fields left as None take the server's defaults: every layer,
         ["resid_post"], all positions, the runs' own top tokens as answers.
         """
-        from loom.client.client import _parse
-
         body = _patch_body(clean, corrupted, model, layers, components, positions, answer, wrong_answer,
                            max_tokens, device, extra)
-        return _parse(PatchResult, self._call("POST", "/patch", body))  # type: ignore[attr-defined]
+        return parse(PatchResult, self._call("POST", "/patch", body))  # type: ignore[attr-defined]
 
 
 class AsyncPatchMixin:
@@ -92,8 +90,6 @@ class AsyncPatchMixin:
                     answer: str | None = None, wrong_answer: str | None = None, max_tokens: int | None = None,
                     device: str | None = None, **extra: Any) -> PatchResult:
         """The asyncio twin of `LoomClient.patch`."""
-        from loom.client.client import _parse
-
         body = _patch_body(clean, corrupted, model, layers, components, positions, answer, wrong_answer,
                            max_tokens, device, extra)
-        return _parse(PatchResult, await self._call("POST", "/patch", body))  # type: ignore[attr-defined]
+        return parse(PatchResult, await self._call("POST", "/patch", body))  # type: ignore[attr-defined]

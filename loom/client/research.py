@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from loom.client.models import GenerateResult, _Shape
+from loom.client.responses import parse, parse_json
 
 __all__ = ["ResearchMethods", "AsyncResearchMethods", "GenerateBatchResult", "BatchError", "decode_array",
            "research_fields"]
@@ -101,26 +102,22 @@ def _embed_body(model: str, pooling: str, normalize: bool, layer: int, device: s
 
 
 def _embedding(response: httpx.Response) -> Any:
-    from loom.client.client import _parse_json
-
-    answer = _parse_json(response)
+    answer = parse_json(response)
     return decode_array({"data": answer["embedding"], "dtype": answer.get("dtype")}).reshape(-1)
 
 
 def _embeddings(response: httpx.Response) -> Any:
     import numpy as np
 
-    from loom.client.client import _parse_json
-
-    answer = _parse_json(response)
+    answer = parse_json(response)
     rows = [decode_array({"data": e, "dtype": answer.get("dtype")}).reshape(-1) for e in answer["embeddings"]]
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
 def _batch_body(prompts: Sequence[str], model: str, fields: dict[str, Any]) -> dict[str, Any]:
-    from loom.client.client import _generation_fields
+    from loom.client.bodies import generation_fields  # bodies.py imports this module
 
-    body = _generation_fields(model, fields.pop("max_tokens", None), fields.pop("temperature", None),
+    body = generation_fields(model, fields.pop("max_tokens", None), fields.pop("temperature", None),
                               fields.pop("top_p", None), fields.pop("return_hidden_states", False),
                               fields.pop("hidden_state_layers", None), fields.pop("device", None), False, fields)
     body["prompts"] = list(prompts)
@@ -128,9 +125,7 @@ def _batch_body(prompts: Sequence[str], model: str, fields: dict[str, Any]) -> d
 
 
 def _batch(response: httpx.Response) -> GenerateBatchResult:
-    from loom.client.client import _parse
-
-    return _parse(GenerateBatchResult, response)
+    return parse(GenerateBatchResult, response)
 
 
 class ResearchMethods:
