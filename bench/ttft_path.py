@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Time to first token, hop by hop along the real stack (issue 13, figure (c)).
+
+    python bench/ttft_path.py                       # both models, 20 rounds each (~2-3 minutes on 2 cores)
+    python bench/ttft_path.py --skip-big --reps 40  # the 4M model only: its prefill is ~1 ms, so TTFT is the path
+    python bench/ttft_path.py --out /tmp/ttft.json
+
+Starts `loom serve` (bench/stack.py) with bench/ttft_trace/ on PYTHONPATH: every
+process stamps its stages of each request (time.time(), shared by all of them;
+see bench/ttft_trace/sitecustomize.py). Each round sends one request (greedy,
+max_tokens 2, the bench's chat prompt) each way, in a rotating order so all see
+the same background load:
+  baseline  the in-process baseline (bench/baseline.py): prefill + argmax;
+  httpx     as efficiency.py's figure (c): a fresh httpx.AsyncClient under a fresh asyncio.run;
+  raw       a kept-alive plain socket writing the HTTP request (no client library cost);
+  zmq       a ZeroMQ DEALER on the broker's frontend, as the API talks to it (no HTTP).
+It prints, per way, the TTFT and its difference from the round's baseline
+(median, p10, p90), then each hop's median and p10-p90 spread, and writes JSON.
+Figures, not assertions: exits 0 unless the stack could not start (2) or the
+models could not be made (3).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.baseline import Baseline  # noqa: E402
+from bench.common import BIG, DEFAULT_CACHE, MESSAGES, SMALL, loadavg, log, machine_info, make_models, med, pct, rnd, write_json  # noqa: E402
+from bench.stack import Stack  # noqa: E402
+
+TRACE_DIR = REPO / "bench" / "ttft_trace"
+WAYS = ("baseline", "httpx", "raw", "zmq")
+BODY = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0, "stream": True}
+
+# The stages in path order; a hop is the time from one present stage to the next.
+STAGES = [
+    ("client.send", "client sends"),
+    ("client.request_hook", "httpx built the request"),
+    ("api.asgi_in", "API: request parsed, outermost middleware"),
+    ("api.relay_run", "API: handler (middlewares, auth, body model)"),
+    ("api.generate_sent", "API: Generate made (model, message)"),
+    ("broker.frontend_in", "broker: Generate read (encode, ZeroMQ hop)"),
+    ("broker.to_worker", "broker: routed"),
+    ("worker.inbox_put", "worker socket thread: read, decoded, queued (encode, ZeroMQ hop)"),
+    ("worker.engine_got", "worker engine thread: picked it up"),
+    ("worker.admitted", "worker: admitted (template, tokenize, checks)"),
+    ("worker.prefill_start", "worker: prefill starts"),
+    ("worker.forward_done", "worker: prefill forward"),
+    ("worker.sampled", "worker: first token chosen"),
+    ("worker.flush", "worker: token accounted (detokenize)"),
+    ("worker.outbox_put", "worker: Tokens message made"),
+    ("worker.socket_took", "worker socket thread: took it (encode, pipe, wake-up)"),
+    ("broker.backend_in", "broker: Tokens read (ZeroMQ hop)"),
+    ("broker.to_api", "broker: decoded, routes checked"),
+    ("api.frames_decoded", "API: Tokens read (ZeroMQ hop)"),
+    ("api.mailbox_put", "API: split into the mailbox"),
+    ("api.handler_took", "API: handler task woken"),
+    ("api.response_start", "API: response headers written"),
+    ("api.first_body_written", "API: first SSE event written"),
+    ("client.response_hook", "httpx: response headers read"),
+    ("client.first", "client parsed the first content_block_delta"),
+]
+LABELS = dict(STAGES)
+ORDER = [s for s, _ in STAGES]
+
+
+# --- the ways to ask --------------------------------------------------------------------------
+
+def ask_httpx(url: str, model: str, request_id: str) -> dict[str, float]:
+    """As efficiency.py's figure (c): a new client (and connection) and event loop for the one request."""
+    import httpx
+
+    marks: dict[str, float] = {}
+
+    async def on_request(_request):
+        marks.setdefault("client.request_hook", time.time())
+
+    async def on_response(_response):
+        marks.setdefault("client.response_hook", time.time())
+
+    async def go():
+        async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600, connect=10),
+                                     headers={"X-Request-Id": request_id},
+                                     event_hooks={"request": [on_request], "response": [on_response]}) as c:
+            marks["client.send"] = time.time()
+            async with c.stream("POST", "/v1/chat/completions", json={**BODY, "model": model}) as r:
+                buf = b""
+                async for chunk in r.aiter_raw():
+                    buf += chunk
+                    if "client.first" not in marks and b"event: content_block_delta" in buf:
+                        marks["client.first"] = time.time()
+                    if b"event: message_delta" in buf or b"event: error" in buf:
+                        break
+            if "client.first" not in marks:
+                raise RuntimeError(f"no token: HTTP {r.status_code} {buf[:300]!r}")
+
+    asyncio.run(go())
+    return marks
+
+
+class RawHttp:
+    """One kept-alive connection; the request written as bytes, the chunked SSE answer scanned as bytes."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.sock: socket.socket | None = None
+
+    def ask(self, model: str, request_id: str) -> dict[str, float]:
+        body = json.dumps({**BODY, "model": model}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\n\r\n")
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port))
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        marks = {"client.send": time.time()}
+        self.sock.sendall(head.encode() + body)
+        buf = b""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise RuntimeError(f"connection closed: {buf[:300]!r}")
+            buf += chunk
+            if "client.first" not in marks and b"event: content_block_delta" in buf:
+                marks["client.first"] = time.time()
+            if (b"event: message_delta" in buf or b"event: error" in buf) and buf.endswith(b"0\r\n\r\n"):
+                break
+            if b"\r\n\r\n" in buf and not buf.startswith(b"HTTP/1.1 200"):
+                self.close()
+                raise RuntimeError(f"not a stream: {buf[:300]!r}")
+        if "client.first" not in marks:
+            raise RuntimeError(f"no token: {buf[:300]!r}")
+        return marks
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class ZmqDirect:
+    """A DEALER on the broker's frontend, as an API process talks to it."""
+
+    def __init__(self, address: str):
+        import zmq
+
+        from loom import protocol as P
+
+        self.zmq, self.P = zmq, P
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, f"ttft-{uuid.uuid4().hex[:8]}".encode())
+        self.sock.connect(address)
+
+    def ask(self, model: str, rid: str, request_id: str) -> dict[str, float]:
+        P = self.P
+        msg = P.Generate(rid=rid, model=model, messages=MESSAGES, max_tokens=2, temperature=0.0, top_p=1.0,
+                         request_id=request_id)
+        marks = {"client.send": time.time()}
+        self.sock.send_multipart(P.encode(msg))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if not self.sock.poll(1000):
+                continue
+            frames = self.sock.recv_multipart()
+            now = time.time()
+            for reply, _ in P.decode_each(frames):
+                if getattr(reply, "rid", None) != rid:
+                    continue
+                if isinstance(reply, P.Token):
+                    marks.setdefault("client.first", now)
+                elif isinstance(reply, P.Error):
+                    raise RuntimeError(f"{reply.type}: {reply.message}")
+                elif isinstance(reply, P.Final):
+                    return marks
+        raise TimeoutError("no answer from the broker")
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+# --- the servers' stamps ----------------------------------------------------------------------
+
+def read_traces(trace_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, str], list[str]]:
+    """(stage -> key -> time, rid -> request id, wraps that found no target)."""
+    stamps: dict[str, dict[str, float]] = {}
+    rids: dict[str, str] = {}
+    missing: list[str] = []
+    for path in sorted(trace_dir.glob("*.tsv")):
+        for line in path.read_text().splitlines():
+            stage, key, t = line.split("\t")
+            if stage == "rid":
+                rid, _, request_id = key.partition("=")
+                rids[rid] = request_id
+            elif stage == "missing":
+                missing.append(f"{path.name.split('-')[0]}: {key}")
+            else:
+                stamps.setdefault(stage, {}).setdefault(key, float(t))
+    return stamps, rids, missing
+
+
+def path_of(marks: dict[str, float], stamps: dict[str, dict[str, float]], request_id: str, rid: str | None) -> dict[str, float]:
+    """Every stage this request reached, by stage name (API stages before the rid is known are keyed by request id)."""
+    out = dict(marks)
+    for stage, by_key in stamps.items():
+        t = by_key.get(rid) if rid is not None and rid in by_key else by_key.get(request_id)
+        if t is not None:
+            out[stage] = t
+    return out
+
+
+def hops(times: dict[str, float]) -> list[tuple[str, float]]:
+    """(stage reached, seconds since the previous stage reached), in path order."""
+    present = [s for s in ORDER if s in times]
+    return [(b, times[b] - times[a]) for a, b in zip(present, present[1:])]
+
+
+# --- one model --------------------------------------------------------------------------------
+
+def measure(path: str, name: str, reps: int, threads: int, cache: Path) -> dict[str, Any]:
+    trace_dir = Path(tempfile.mkdtemp(prefix="loom-ttft-"))
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "LOOM_TTFT_TRACE")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRACE_DIR), saved["PYTHONPATH"]]))
+    os.environ["LOOM_TTFT_TRACE"] = str(trace_dir)
+    try:
+        stack = Stack([path], cache / "logs", threads=threads)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    baseline = raw = zq = None
+    rounds: list[dict[str, Any]] = []
+    try:
+        log(f"{name}: starting loom serve on {stack.url} (traced to {trace_dir}); log {stack.log_path}")
+        stack.wait_ready()
+        baseline = Baseline(path, threads)
+        prompt_tokens = baseline.info.get("prompt_tokens")
+        raw, zq = RawHttp(stack.port), ZmqDirect(stack.frontend)
+        load_start = loadavg()
+
+        def one(way: str, tag: str) -> dict[str, Any]:
+            request_id = f"ttft-{tag}-{way}"
+            if way == "baseline":
+                return {"way": way, "ttft_s": baseline.run(2)["ttft_s"]}
+            rid = None
+            if way == "httpx":
+                marks = ask_httpx(stack.url, name, request_id)
+            elif way == "raw":
+                marks = raw.ask(name, request_id)
+            else:
+                rid = f"ttft{uuid.uuid4().hex[:12]}"
+                marks = zq.ask(name, rid, request_id)
+            return {"way": way, "request_id": request_id, "rid": rid, "marks": marks,
+                    "ttft_s": marks["client.first"] - marks["client.send"]}
+
+        for i in range(3):  # warm-up: connections, first-call paths in every process
+            for way in WAYS:
+                one(way, f"warm{i}")
+        log(f"{name}: {reps} rounds of {', '.join(WAYS)} (rotating order)")
+        for i in range(reps):
+            order = WAYS[i % len(WAYS):] + WAYS[:i % len(WAYS)]
+            rounds.append({r["way"]: r for r in (one(way, str(i)) for way in order)})
+        load_end = loadavg()
+    finally:
+        for c in (raw, zq, baseline):
+            if c is not None:
+                c.close()
+        stack.stop()
+    stamps, rids, missing = read_traces(trace_dir)
+    by_request = {request_id: rid for rid, request_id in rids.items()}
+    return summarize(rounds, stamps, by_request, missing, {"loadavg_start": load_start, "loadavg_end": load_end,
+                                                            "prompt_tokens": prompt_tokens, "trace_dir": str(trace_dir)})
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": rnd(med(values)), "p10": rnd(pct(values, 10)), "p90": rnd(pct(values, 90)), "n": len(values)}
+
+
+def summarize(rounds: list[dict[str, Any]], stamps, by_request, missing, info) -> dict[str, Any]:
+    out: dict[str, Any] = {**info, "missing_wraps": missing, "ways": {}}
+    for way in WAYS[1:]:
+        ttft, over, prefill, path_ms = [], [], [], []
+        per_hop: dict[str, list[float]] = {}
+        for rnd_ in rounds:
+            r = rnd_[way]
+            times = path_of(r["marks"], stamps, r["request_id"], r["rid"] or by_request.get(r["request_id"]))
+            ttft.append(r["ttft_s"] * 1e3)
+            over.append((r["ttft_s"] - rnd_["baseline"]["ttft_s"]) * 1e3)
+            if "worker.prefill_start" in times and "worker.forward_done" in times:
+                fwd = (times["worker.forward_done"] - times["worker.prefill_start"]) * 1e3
+                prefill.append(fwd)
+                path_ms.append(r["ttft_s"] * 1e3 - fwd)
+            for stage, dt in hops(times):
+                per_hop.setdefault(stage, []).append(dt * 1e3)
+        out["ways"][way] = {
+            "ttft_ms": spread(ttft), "overhead_ms": spread(over), "worker_prefill_forward_ms": spread(prefill),
+            "ttft_minus_worker_forward_ms": spread(path_ms),
+            "hops_ms": {stage: spread(v) for stage, v in sorted(per_hop.items(), key=lambda kv: ORDER.index(kv[0]))},
+        }
+    out["baseline_ttft_ms"] = spread([r["baseline"]["ttft_s"] * 1e3 for r in rounds])
+    out["rounds"] = rounds
+    return out
+
+
+def print_model(name: str, m: dict[str, Any]) -> None:
+    b = m["baseline_ttft_ms"]
+    print(f"\n{name}: load average {m['loadavg_start']} -> {m['loadavg_end']}; in-process baseline TTFT "
+          f"{b['median']:.2f} ms (p10 {b['p10']:.2f}, p90 {b['p90']:.2f})")
+    if m["missing_wraps"]:
+        print(f"  (trace points not found: {', '.join(sorted(set(m['missing_wraps'])))})")
+    print(f"  {'way':<6} {'TTFT ms':>22} {'- baseline ms':>22} {'worker prefill fwd':>22} {'TTFT - worker fwd':>22}")
+    fmt = lambda s: f"{s['median']:.2f} [{s['p10']:.2f}, {s['p90']:.2f}]" if s["median"] is not None else "n/a"  # noqa: E731
+    for way, w in m["ways"].items():
+        print(f"  {way:<6} {fmt(w['ttft_ms']):>22} {fmt(w['overhead_ms']):>22} {fmt(w['worker_prefill_forward_ms']):>22} "
+              f"{fmt(w['ttft_minus_worker_forward_ms']):>22}")
+    print(f"  hops, median [p10, p90] ms:{'':<38}" + "".join(f"{way:>22}" for way in m["ways"]))
+    for stage in ORDER:
+        cells = [m["ways"][way]["hops_ms"].get(stage) for way in m["ways"]]
+        if not any(cells):
+            continue
+        print(f"  {'-> ' + LABELS[stage]:<65}" + "".join(f"{fmt(c) if c else '':>22}" for c in cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--reps", type=int, default=20, help="rounds per model (default %(default)s)")
+    p.add_argument("--skip-big", action="store_true", help=f"only {SMALL}")
+    p.add_argument("--only-big", action="store_true", help=f"only {BIG}")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the worker and the baseline (default: loom serve's rule, cpu_count - 1)")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ttft_path.json")
+    args = p.parse_args(argv)
+    threads = args.threads or max(1, (os.cpu_count() or 1) - 1)
+    names = [BIG] if args.only_big else [SMALL] if args.skip_big else [SMALL, BIG]
+    made = make_models(names, args.cache_dir)
+    if made is None:
+        return 3
+    r: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(), "threads": threads,
+                         "reps": args.reps, "models": {}}
+    for name in names:
+        try:
+            r["models"][name] = measure(made["models"][name]["path"], name, args.reps, threads, args.cache_dir)
+        except Exception as exc:
+            log(f"{name}: the stack did not serve: {exc}")
+            return 2
+    m = r["machine"]
+    print(f"\nTTFT path ({args.reps} rounds), {m['cpu_count']} CPUs, {threads} torch thread(s) for the worker and the "
+          f"baseline, commit {m['git_commit']}; greedy, max_tokens 2. Each way's median [p10, p90] over the rounds.")
+    for name, model in r["models"].items():
+        print_model(name, model)
+    write_json(args.out, r)
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
