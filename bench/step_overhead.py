@@ -144,7 +144,10 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
         log.emitted(msg)
         batch.put(msg, buffers or [])
 
-    runner = ModelRunner(lm, send, batch.flush)
+    try:
+        runner = ModelRunner(lm, send, batch.flush, batch.put_text)
+    except (TypeError, AttributeError):  # a tree from before emit_text
+        runner = ModelRunner(lm, send, batch.flush)
     fwd = _time_forward(lm.model)
     if pieces is not None:
         _instrument(pieces, runner, batch)
@@ -213,6 +216,8 @@ def _instrument(p: Pieces, runner, batch) -> None:
     p.wrap(BatchCache, "next_mask", "kv bookkeeping")
     p.wrap(BatchCache, "keep_rows", "kv bookkeeping")
     p.wrap(batch, "put", "step batch put")
+    if hasattr(batch, "put_text"):
+        p.wrap(batch, "put_text", "step batch put")
     p.wrap(batch, "flush", "step batch flush+encode")
     p.wrap(runner.loaded.model, "forward", "forward")
 

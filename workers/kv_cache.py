@@ -124,12 +124,28 @@ def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 class BatchCache:
     def __init__(self) -> None:
         self.cache: Any = None  # a DynamicCache whose layers are GrowingLayers
-        self.mask: torch.Tensor | None = None  # [rows, columns] of 1 (real) / 0 (padding)
+        # The mask ([rows, columns] of 1 (real) / 0 (padding)) is the first `_width` columns of
+        # `_mask_buf`, whose spare columns are already 1: a decode step's new column costs no tensor op.
+        self._mask_buf: torch.Tensor | None = None
+        self._width = 0
         self._padded = False
 
     @property
+    def mask(self) -> torch.Tensor | None:
+        return None if self._mask_buf is None else self._mask_buf[:, : self._width]
+
+    @mask.setter
+    def mask(self, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            self._mask_buf, self._width = None, 0
+            return
+        self._width = mask.shape[1]
+        self._mask_buf = mask.new_ones((mask.shape[0], self._width + GROW_COLUMNS))
+        self._mask_buf[:, : self._width] = mask
+
+    @property
     def width(self) -> int:
-        return 0 if self.mask is None else self.mask.shape[1]
+        return self._width
 
     @property
     def nbytes(self) -> int:
@@ -161,11 +177,13 @@ class BatchCache:
             self.mask = torch.cat([_pad_left(self.mask, grow, 1), _pad_left(rows_mask, width - length, 1)], dim=0)
         self._padded = bool((self.mask == 0).any())
 
-    def next_mask(self) -> torch.Tensor:
-        """The attention mask for a decode step (history plus the new column)."""
-        assert self.mask is not None
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
-        return self.mask
+    def next_mask(self) -> torch.Tensor | None:
+        """The attention mask for a decode step (history plus the new column); None when no row is padded."""
+        assert self._mask_buf is not None
+        if self._width == self._mask_buf.shape[1]:
+            self.mask = self.mask  # a wider buffer
+        self._width += 1
+        return self.mask if self._padded else None
 
     def keep_rows(self, keep: list[int]) -> list[int]:
         """Keep the rows `keep` (ascending); returns the old index of each row in the new order."""

@@ -30,6 +30,7 @@ __all__ = ["ModelRunner", "RequestError"]
 log = logging.getLogger("loom.worker")
 
 Emit = Callable[[P.Message, list[Any]], None]
+EmitText = Callable[[str, str, int], None]  # rid, text, index
 
 # Most prompts prefilled in one forward pass: new arrivals join together, but
 # a burst does not become one huge allocation.
@@ -37,9 +38,14 @@ MAX_PREFILL_ROWS = 16
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, emit: Emit, flush: Callable[[], None] = lambda: None):
+    def __init__(self, loaded: LoadedModel, emit: Emit, flush: Callable[[], None] = lambda: None,
+                 emit_text: EmitText | None = None):
         self.loaded = loaded
         self.emit = emit
+        # A token with only its text (most of them): the engine's step batch takes the fields
+        # without a Token object per token.
+        self.emit_text = emit_text or (lambda rid, text, index: emit(
+            P.Token(rid=rid, text=text, index=index, t_emit=time.time()), []))
         self.flush = flush  # sends what emit holds back (the engine batches a step's tokens)
         self.hooks = LayerHooks(loaded.model, loaded.num_layers)
         self.kv = BatchCache()
@@ -192,11 +198,11 @@ class ModelRunner:
     def _decode(self) -> None:
         lm = self.loaded
         rows = self.rows
-        input_ids = to_device([[s.last_token] for s in rows], torch.long, lm.device)  # no wait on a GPU
+        input_ids = to_device([s.last_token for s in rows], torch.long, lm.device)[:, None]  # no wait on a GPU
         plan, rows_by_slot = self.outputs.plan(rows, prefill=False)
         mask = self.kv.next_mask()
-        if self.kv.padded:
-            positions = to_device([[s.position] for s in rows], torch.long, lm.device)
+        if mask is not None:
+            positions = to_device([s.position for s in rows], torch.long, lm.device)[:, None]
             logits, captured = self._forward(input_ids, self.kv.cache, plan, attention_mask=mask,
                                              position_ids=positions)
         else:
@@ -240,7 +246,7 @@ class ModelRunner:
         """
         if out is None:
             if text:
-                self.emit(P.Token(rid=seq.rid, text=text, index=seq.generated - 1, t_emit=time.time()), [])
+                self.emit_text(seq.rid, text, seq.generated - 1)
             return
         if out.logprob is not None:
             seq.pending_logprobs.append(out.logprob)

@@ -13,12 +13,21 @@ least halves the candidates' mass on average, so rows finish in a few rounds.
 A row's pick depends only on its own logits, settings and generator, so a
 seeded request gives the same text whatever else is in its batch, in any order
 (up to float rounding in the model's own batched arithmetic).
+
+On the CPU the same steps run on numpy views of the logits: a torch op on a
+[64, 512] tensor costs 5-30 us of dispatch and single-threaded reduction
+where numpy's costs 1-7 us, and a step's sampling is a dozen such ops (the
+whole step went from ~210 to ~100 us at batch 64 and vocabulary 512). Its float32 exp may differ
+from torch's in the last bit, which moves a pick only when a uniform lands
+within that bit of a boundary; each row's result still depends only on its
+own row.
 """
 from __future__ import annotations
 
 import random
 from typing import Sequence as Seq, Union
 
+import numpy as np
 import torch
 
 from workers.staging import to_device
@@ -38,6 +47,8 @@ def choose_tokens(logits: torch.Tensor, temperatures: Seq[float], top_ps: Seq[fl
     torch.Generator, or None for torch's global one.
     """
     sampled = [i for i, t in enumerate(temperatures) if t > 0]
+    if logits.device.type == "cpu":
+        return _choose_on_host(logits, sampled, temperatures, top_ps, generators)
     if not sampled:
         return logits.argmax(dim=-1).tolist()
     device = logits.device
@@ -119,3 +130,72 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.T
     # uniform times the mass rounds up to the mass.
     target = torch.minimum(uniforms[:, None].to(cdf.dtype) * mass, torch.nextafter(mass, torch.zeros_like(mass)))
     return torch.searchsorted(cdf, target, right=True), mass
+
+
+# --- the CPU path: the same algorithm on numpy arrays ---------------------------------------------------
+
+_TINY = np.finfo(np.float32).tiny
+
+
+def _choose_on_host(logits: torch.Tensor, sampled: list[int], temperatures: Seq[float], top_ps: Seq[float],
+                    generators: Seq[Generator]) -> list[int]:
+    """choose_tokens for CPU logits (see the module docstring)."""
+    a = logits.detach().float().numpy()
+    if not sampled:
+        return a.argmax(axis=1).tolist()
+    every = len(sampled) == a.shape[0]
+    if every:
+        temps, tops, gens, rows = temperatures, top_ps, generators, a
+    else:
+        temps = [temperatures[i] for i in sampled]
+        tops = [top_ps[i] for i in sampled]
+        gens = [generators[i] for i in sampled]
+        rows = a[sampled]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        w = rows - rows.max(axis=1, keepdims=True)
+        w /= np.maximum(np.array(temps, dtype=np.float32), _TINY)[:, None]
+        np.exp(w, out=w)
+    cut = [j for j, p in enumerate(tops) if not p >= 1.0]
+    picks = _draw_on_host(w, np.array(tops, dtype=np.float32), gens, bool(cut))
+    if every:
+        return picks.tolist()
+    chosen = a.argmax(axis=1)
+    chosen[sampled] = picks
+    return chosen.tolist()
+
+
+def _draw_on_host(w: np.ndarray, top_ps: np.ndarray, gens: Seq[Generator], cut_any: bool) -> np.ndarray:
+    """_draw on numpy arrays: a token per row of weights `w`, each row cut to its nucleus."""
+    n = w.shape[0]
+    x, mass = _inverse_cdf_on_host(w, np.array([_uniform(g) for g in gens], dtype=np.float64))
+    if not cut_any:
+        return x
+    picks = np.empty(n, dtype=np.int64)
+    limit = top_ps * mass
+    uncut = top_ps >= 1.0
+    active = np.arange(n)
+    while True:
+        wx = w[np.arange(len(active)), x]
+        before = (w * (w > wx[:, None])).sum(axis=1)  # the mass of the tokens more likely than the draw
+        ok = (before < limit[active]) | (before == 0) | uncut[active]
+        picks[active[ok]] = x[ok]
+        redraw = np.flatnonzero(~ok)
+        if not len(redraw):
+            return picks
+        # Outside the nucleus, as is every token no more likely than it: those leave the candidates.
+        active = active[redraw]
+        w = w[redraw]
+        w = w * (w > wx[redraw][:, None])
+        x, _ = _inverse_cdf_on_host(w, np.array([_uniform(gens[j]) for j in active], dtype=np.float64))
+
+
+def _inverse_cdf_on_host(w: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_inverse_cdf on numpy arrays: the column each uniform lands on [rows], and each row's mass [rows].
+
+    The cumulative sum and the search are torch's (numpy's accumulate is 3-4x slower, and a row-wise
+    search has no batched numpy form); both share the arrays' memory.
+    """
+    cdf = torch.from_numpy(w).cumsum(dim=1)
+    mass = cdf[:, -1].numpy()
+    target = np.minimum(uniforms.astype(np.float32) * mass, np.nextafter(mass, np.float32(0)))
+    return torch.searchsorted(cdf, torch.from_numpy(target[:, None]), right=True).numpy()[:, 0], mass

@@ -49,6 +49,18 @@ class StepBatch:
         else:
             self._send(msg, buffers)
 
+    def put_text(self, rid: str, text: str, index: int) -> None:
+        """put(Token(rid, text, index)) for a token with nothing but its text, without the Token object."""
+        api = self._api.get(rid, b"")
+        group = self._groups.get(api)
+        if group is None:
+            group = self._groups[api] = P.TokenBatch()
+        group.rids.append(rid)
+        group.texts.append(text)
+        group.indexes.append(index)
+        group.extras.append({})
+        self._waiting.add(rid)
+
     def flush(self) -> None:
         if not self._groups:
             return
