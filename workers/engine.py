@@ -64,7 +64,8 @@ class Engine:
         self.model_dirs = model_dirs
         self.capacity = capacity
         self.trust_remote_code = trust_remote_code
-        self.inbox: "queue.Queue[Any]" = queue.Queue()
+        # A SimpleQueue (C, no Condition in Python): a request reaches the idle engine ~15 us sooner.
+        self.inbox: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self.runners: dict[str, ModelRunner] = {}  # by model id
         self._aliases: dict[str, str] = {}  # every name a model answers to -> model id
         self._loading: dict[str, _Loading] = {}  # by source
