@@ -57,7 +57,7 @@ def test_one_shot_against_real_stack(stack: Any, tmp_path: Path) -> None:
     # A sampled answer from a toy model may be short, or even empty (the end
     # token first), so only a clean run is asserted here. That tokens arrive
     # one by one is checked in the interactive test below and, against a
-    # server slow enough to time, in test_client_offline.py.
+    # server slow enough to time, in test_chat_offline.py.
     assert (result.returncode, result.stderr) == (0, ""), result
     assert result.stdout == "" or result.stdout.endswith("\n")
 
