@@ -2,7 +2,7 @@
 """Time to first token, hop by hop along the real stack (issue 13, figure (c)).
 
     python bench/ttft_path.py                       # both models, 20 rounds each (~2-3 minutes on 2 cores)
-    python bench/ttft_path.py --skip-big --reps 40  # the 4M model only: its prefill is ~1 ms, so TTFT is the path
+    python bench/ttft_path.py --skip-big --reps 40  # the 4M model only: prefill ~11 ms on 1 thread, the path weighs more
     python bench/ttft_path.py --out /tmp/ttft.json
 
 Starts `loom serve` (bench/stack.py) with bench/ttft_trace/ on PYTHONPATH: every
@@ -12,10 +12,17 @@ max_tokens 2, the bench's chat prompt) each way, in a rotating order so all see
 the same background load:
   baseline  the in-process baseline (bench/baseline.py): prefill + argmax;
   httpx     as efficiency.py's figure (c): a fresh httpx.AsyncClient under a fresh asyncio.run;
+  raw_new   a plain socket, a new connection for each request (the server's share of httpx's new connection);
   raw       a kept-alive plain socket writing the HTTP request (no client library cost);
   zmq       a ZeroMQ DEALER on the broker's frontend, as the API talks to it (no HTTP).
 It prints, per way, the TTFT and its difference from the round's baseline
 (median, p10, p90), then each hop's median and p10-p90 spread, and writes JSON.
+
+The paired difference is as noisy as the prefill itself (p10-p90 of ~20 ms on
+the 90M model even on an idle machine), so it is also given robustly: the
+path (each request's TTFT minus the worker's own prefill forward, stamped in
+the worker) plus the difference of the prefill's CPU time in the worker and in
+the baseline (medians; 0 when both run the same computation): "robust overhead".
 Figures, not assertions: exits 0 unless the stack could not start (2) or the
 models could not be made (3).
 """
@@ -42,7 +49,7 @@ from bench.common import BIG, DEFAULT_CACHE, MESSAGES, SMALL, loadavg, log, mach
 from bench.stack import Stack  # noqa: E402
 
 TRACE_DIR = REPO / "bench" / "ttft_trace"
-WAYS = ("baseline", "httpx", "raw", "zmq")
+WAYS = ("baseline", "httpx", "raw_new", "raw", "zmq")
 BODY = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0, "stream": True}
 
 # The stages in path order; a hop is the time from one present stage to the next.
@@ -56,7 +63,8 @@ STAGES = [
     ("broker.to_worker", "broker: routed"),
     ("worker.inbox_put", "worker socket thread: read, decoded, queued (encode, ZeroMQ hop)"),
     ("worker.engine_got", "worker engine thread: picked it up"),
-    ("worker.admitted", "worker: admitted (template, tokenize, checks)"),
+    ("worker.sequence_built", "worker: request checked (template, tokenize)"),
+    ("worker.admitted", "worker: admitted (logged, routed)"),
     ("worker.prefill_start", "worker: prefill starts"),
     ("worker.forward_done", "worker: prefill forward"),
     ("worker.sampled", "worker: first token chosen"),
@@ -114,18 +122,19 @@ def ask_httpx(url: str, model: str, request_id: str) -> dict[str, float]:
 class RawHttp:
     """One kept-alive connection; the request written as bytes, the chunked SSE answer scanned as bytes."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, keep_alive: bool = True):
         self.port = port
+        self.keep_alive = keep_alive
         self.sock: socket.socket | None = None
 
     def ask(self, model: str, request_id: str) -> dict[str, float]:
         body = json.dumps({**BODY, "model": model}).encode()
         head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\n\r\n")
+        marks = {"client.send": time.time()}
         if self.sock is None:
             self.sock = socket.create_connection(("127.0.0.1", self.port))
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        marks = {"client.send": time.time()}
         self.sock.sendall(head.encode() + body)
         buf = b""
         while True:
@@ -143,6 +152,8 @@ class RawHttp:
                 raise RuntimeError(f"not a stream: {buf[:300]!r}")
         if "client.first" not in marks:
             raise RuntimeError(f"no token: {buf[:300]!r}")
+        if not self.keep_alive:
+            self.close()
         return marks
 
     def close(self) -> None:
@@ -232,7 +243,9 @@ def hops(times: dict[str, float]) -> list[tuple[str, float]]:
 
 # --- one model --------------------------------------------------------------------------------
 
-def measure(path: str, name: str, reps: int, threads: int, cache: Path) -> dict[str, Any]:
+def measure(path: str, name: str, reps: int, threads: int, cache: Path, ways: tuple[str, ...] = WAYS) -> dict[str, Any]:
+    """`reps` rounds of one request each way (the baseline always among them), on a traced `loom serve` of its own."""
+    ways = ("baseline", *[w for w in ways if w != "baseline"])
     trace_dir = Path(tempfile.mkdtemp(prefix="loom-ttft-"))
     saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "LOOM_TTFT_TRACE")}
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRACE_DIR), saved["PYTHONPATH"]]))
@@ -245,25 +258,28 @@ def measure(path: str, name: str, reps: int, threads: int, cache: Path) -> dict[
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    baseline = raw = zq = None
+    baseline = raw = raw_new = zq = None
     rounds: list[dict[str, Any]] = []
     try:
         log(f"{name}: starting loom serve on {stack.url} (traced to {trace_dir}); log {stack.log_path}")
         stack.wait_ready()
         baseline = Baseline(path, threads)
         prompt_tokens = baseline.info.get("prompt_tokens")
-        raw, zq = RawHttp(stack.port), ZmqDirect(stack.frontend)
+        raw, raw_new, zq = RawHttp(stack.port), RawHttp(stack.port, keep_alive=False), ZmqDirect(stack.frontend)
         load_start = loadavg()
 
         def one(way: str, tag: str) -> dict[str, Any]:
             request_id = f"ttft-{tag}-{way}"
             if way == "baseline":
-                return {"way": way, "ttft_s": baseline.run(2)["ttft_s"]}
+                b = baseline.run(2)
+                return {"way": way, "ttft_s": b["ttft_s"], "ttft_cpu_s": b.get("ttft_cpu_s")}
             rid = None
             if way == "httpx":
                 marks = ask_httpx(stack.url, name, request_id)
             elif way == "raw":
                 marks = raw.ask(name, request_id)
+            elif way == "raw_new":
+                marks = raw_new.ask(name, request_id)
             else:
                 rid = f"ttft{uuid.uuid4().hex[:12]}"
                 marks = zq.ask(name, rid, request_id)
@@ -271,21 +287,21 @@ def measure(path: str, name: str, reps: int, threads: int, cache: Path) -> dict[
                     "ttft_s": marks["client.first"] - marks["client.send"]}
 
         for i in range(3):  # warm-up: connections, first-call paths in every process
-            for way in WAYS:
+            for way in ways:
                 one(way, f"warm{i}")
-        log(f"{name}: {reps} rounds of {', '.join(WAYS)} (rotating order)")
+        log(f"{name}: {reps} rounds of {', '.join(ways)} (rotating order)")
         for i in range(reps):
-            order = WAYS[i % len(WAYS):] + WAYS[:i % len(WAYS)]
+            order = ways[i % len(ways):] + ways[:i % len(ways)]
             rounds.append({r["way"]: r for r in (one(way, str(i)) for way in order)})
         load_end = loadavg()
     finally:
-        for c in (raw, zq, baseline):
+        for c in (raw, raw_new, zq, baseline):
             if c is not None:
                 c.close()
         stack.stop()
     stamps, rids, missing = read_traces(trace_dir)
     by_request = {request_id: rid for rid, request_id in rids.items()}
-    return summarize(rounds, stamps, by_request, missing, {"loadavg_start": load_start, "loadavg_end": load_end,
+    return summarize(rounds, ways, stamps, by_request, missing, {"loadavg_start": load_start, "loadavg_end": load_end,
                                                             "prompt_tokens": prompt_tokens, "trace_dir": str(trace_dir)})
 
 
@@ -293,10 +309,16 @@ def spread(values: list[float]) -> dict[str, Any]:
     return {"median": rnd(med(values)), "p10": rnd(pct(values, 10)), "p90": rnd(pct(values, 90)), "n": len(values)}
 
 
-def summarize(rounds: list[dict[str, Any]], stamps, by_request, missing, info) -> dict[str, Any]:
+def summarize(rounds: list[dict[str, Any]], ways, stamps, by_request, missing, info) -> dict[str, Any]:
+    """Per way: TTFT, its paired difference from the round's baseline, the path (TTFT minus the worker's own
+    prefill forward) and each hop; and the robust overhead: the path's median plus the difference between the
+    worker's and the baseline's prefill CPU time (the same computation on both sides unless this says otherwise;
+    CPU time is far less disturbed by other processes than either side's wall time)."""
     out: dict[str, Any] = {**info, "missing_wraps": missing, "ways": {}}
-    for way in WAYS[1:]:
-        ttft, over, prefill, path_ms = [], [], [], []
+    base_cpu = [r["baseline"]["ttft_cpu_s"] * 1e3 for r in rounds if r["baseline"].get("ttft_cpu_s") is not None]
+    all_cpu: list[float] = []
+    for way in ways[1:]:
+        ttft, over, prefill, path_ms, cpu = [], [], [], [], []
         per_hop: dict[str, list[float]] = {}
         for rnd_ in rounds:
             r = rnd_[way]
@@ -307,14 +329,24 @@ def summarize(rounds: list[dict[str, Any]], stamps, by_request, missing, info) -
                 fwd = (times["worker.forward_done"] - times["worker.prefill_start"]) * 1e3
                 prefill.append(fwd)
                 path_ms.append(r["ttft_s"] * 1e3 - fwd)
+            if "cpu.prefill" in times:
+                cpu.append(times["cpu.prefill"] * 1e3)
             for stage, dt in hops(times):
                 per_hop.setdefault(stage, []).append(dt * 1e3)
         out["ways"][way] = {
             "ttft_ms": spread(ttft), "overhead_ms": spread(over), "worker_prefill_forward_ms": spread(prefill),
-            "ttft_minus_worker_forward_ms": spread(path_ms),
+            "ttft_minus_worker_forward_ms": spread(path_ms), "worker_prefill_cpu_ms": spread(cpu),
             "hops_ms": {stage: spread(v) for stage, v in sorted(per_hop.items(), key=lambda kv: ORDER.index(kv[0]))},
         }
+        all_cpu += cpu
     out["baseline_ttft_ms"] = spread([r["baseline"]["ttft_s"] * 1e3 for r in rounds])
+    out["baseline_cpu_ms"] = spread(base_cpu)
+    out["worker_prefill_cpu_ms"] = spread(all_cpu)
+    cpu_diff = med(all_cpu) - med(base_cpu) if all_cpu and base_cpu else None
+    out["prefill_cpu_difference_ms"] = rnd(cpu_diff)
+    for w in out["ways"].values():
+        path_med = w["ttft_minus_worker_forward_ms"]["median"]
+        w["robust_overhead_ms"] = rnd(path_med + cpu_diff) if path_med is not None and cpu_diff is not None else None
     out["rounds"] = rounds
     return out
 
@@ -325,11 +357,16 @@ def print_model(name: str, m: dict[str, Any]) -> None:
           f"{b['median']:.2f} ms (p10 {b['p10']:.2f}, p90 {b['p90']:.2f})")
     if m["missing_wraps"]:
         print(f"  (trace points not found: {', '.join(sorted(set(m['missing_wraps'])))})")
-    print(f"  {'way':<6} {'TTFT ms':>22} {'- baseline ms':>22} {'worker prefill fwd':>22} {'TTFT - worker fwd':>22}")
+    if m.get("prefill_cpu_difference_ms") is not None:
+        print(f"  prefill CPU time: worker {m['worker_prefill_cpu_ms']['median']:.2f} ms, baseline "
+              f"{m['baseline_cpu_ms']['median']:.2f} ms (medians): difference {m['prefill_cpu_difference_ms']:+.2f} ms")
+    print(f"  {'way':<7} {'TTFT ms':>22} {'- baseline ms':>22} {'worker prefill fwd':>22} {'TTFT - worker fwd':>22}"
+          f" {'robust overhead':>16}")
     fmt = lambda s: f"{s['median']:.2f} [{s['p10']:.2f}, {s['p90']:.2f}]" if s["median"] is not None else "n/a"  # noqa: E731
     for way, w in m["ways"].items():
-        print(f"  {way:<6} {fmt(w['ttft_ms']):>22} {fmt(w['overhead_ms']):>22} {fmt(w['worker_prefill_forward_ms']):>22} "
-              f"{fmt(w['ttft_minus_worker_forward_ms']):>22}")
+        robust = w["robust_overhead_ms"]
+        print(f"  {way:<7} {fmt(w['ttft_ms']):>22} {fmt(w['overhead_ms']):>22} {fmt(w['worker_prefill_forward_ms']):>22} "
+              f"{fmt(w['ttft_minus_worker_forward_ms']):>22} {'n/a' if robust is None else f'{robust:.2f}':>16}")
     print(f"  hops, median [p10, p90] ms:{'':<38}" + "".join(f"{way:>22}" for way in m["ways"]))
     for stage in ORDER:
         cells = [m["ways"][way]["hops_ms"].get(stage) for way in m["ways"]]

@@ -72,6 +72,14 @@ def _patch_request_ids(m) -> None:
                     first_body[0] = False
                     mark("api.first_body_written", given)
 
+            inner = scope.get("loom.send")  # a stream may write its body on the server's own send (api/asgi.py)
+            if inner is not None:
+                async def traced_inner(message):
+                    await inner(message)
+                    if first_body[0] and message.get("body"):
+                        first_body[0] = False
+                        mark("api.first_body_written", given)
+                scope["loom.send"] = traced_inner
             await original(self, scope, receive, traced_send)
         return http
     _wrap(m, "RequestIdMiddleware", "http", make)
@@ -168,7 +176,21 @@ def _patch_broker(m) -> None:
 # --- the worker -----------------------------------------------------------------------------
 
 _prefilling: list = []  # rids of the prefill under way (engine thread only)
+_cpu = [0.0]  # the worker's process_time() when that prefill started
 _in_outbox: collections.deque = collections.deque()  # rid lists of Tokens messages, in outbox order
+
+
+class _TracedInbox:
+    """The engine's queue, stamping each Generate as the socket thread puts it."""
+
+    def __init__(self, inner, generate) -> None:
+        self._inner, self._generate = inner, generate
+        self.get, self.get_nowait = inner.get, inner.get_nowait
+
+    def put(self, item, *args, **kwargs):
+        if type(item) is self._generate:
+            mark("worker.inbox_put", item.rid)
+        self._inner.put(item, *args, **kwargs)
 
 
 def _patch_engine(m) -> None:
@@ -177,13 +199,7 @@ def _patch_engine(m) -> None:
     def make_init(original):
         def __init__(self, *args, **kwargs):
             original(self, *args, **kwargs)
-            put = self.inbox.put
-
-            def traced_put(item, *a, **k):
-                if type(item) is P.Generate:
-                    mark("worker.inbox_put", item.rid)
-                put(item, *a, **k)
-            self.inbox.put = traced_put
+            self.inbox = _TracedInbox(self.inbox, P.Generate)
         return __init__
     _wrap(m, "Engine", "__init__", make_init)
 
@@ -197,12 +213,20 @@ def _patch_engine(m) -> None:
 
 
 def _patch_runner(m) -> None:
+    def make_admit(original):
+        def admit(self, req):
+            original(self, req)
+            mark("worker.sequence_built", req.rid)
+        return admit
+    _wrap(m, "ModelRunner", "admit", make_admit)
+
     def make_prefill(original):
         def _prefill(self, seqs):
             rids = [s.rid for s in seqs]
             for rid in rids:
                 mark("worker.prefill_start", rid)
             _prefilling[:] = rids
+            _cpu[0] = time.process_time()
             try:
                 return original(self, seqs)
             finally:
@@ -215,8 +239,11 @@ def _patch_runner(m) -> None:
     def make_forward(original):
         def _forward(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
-            for rid in _prefilling:
-                mark("worker.forward_done", rid)
+            if _prefilling:
+                cpu = time.process_time() - _cpu[0]
+                for rid in _prefilling:
+                    mark("worker.forward_done", rid)
+                    mark("cpu.prefill", rid, cpu)  # the worker's CPU seconds from the prefill's start to here
             return out
         return _forward
     _wrap(m, "ModelRunner", "_forward", make_forward)
