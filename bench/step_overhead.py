@@ -272,7 +272,7 @@ def run_bare(lm, batch: int, tokens: int, temperature: float, seed: int = 0) -> 
 
 
 def _fmt(name: str, r: dict[str, Any]) -> str:
-    return (f"  {name:<8} steps {r['steps']:4d}  forward {r['forward_us_per_step']:8.1f} us/step  "
+    return (f"  {name:<8} steps {r['steps']:4.0f}  forward {r['forward_us_per_step']:8.1f} us/step  "
             f"outside {r['outside_us_per_step']:7.1f} us/step (median {r['median_outside_us_per_step']:6.1f})  "
             f"= {r['outside_us_per_token']:6.2f} us/token")
 

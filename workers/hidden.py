@@ -117,6 +117,9 @@ class ForwardPlan:
         return bool(self.take or self.steer)
 
 
+NO_PLAN = ForwardPlan()  # nothing captured or steered (never mutated: plans are built whole)
+
+
 class LayerHooks:
     def __init__(self, model: nn.Module, num_layers: int):
         self.num_layers = num_layers
@@ -126,7 +129,7 @@ class LayerHooks:
         if self.norm is None:
             log.warning("no final norm found whose output is the LM head's input: the logit lens is off, and "
                         "the final state (-1) is available at the last position only")
-        self.plan = ForwardPlan()
+        self.plan = NO_PLAN
         self.captured: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -192,5 +195,5 @@ class LayerHooks:
         self.captured = {}
 
     def end(self) -> dict[int, torch.Tensor]:
-        captured, self.captured, self.plan = self.captured, {}, ForwardPlan()
+        captured, self.captured, self.plan = self.captured, {}, NO_PLAN
         return captured

@@ -15,7 +15,7 @@ import torch
 
 from loom import protocol as P
 from workers.admission import RequestError, build_sequence
-from workers.hidden import ForwardPlan, LayerHooks
+from workers.hidden import NO_PLAN, ForwardPlan, LayerHooks
 from workers.kv_cache import BatchCache
 from workers.logprobs import TokenTexts
 from workers.model_store import DTYPE_NAMES, LoadedModel
@@ -199,7 +199,9 @@ class ModelRunner:
         lm = self.loaded
         rows = self.rows
         input_ids = to_device([s.last_token for s in rows], torch.long, lm.device)[:, None]  # no wait on a GPU
-        plan, rows_by_slot = self.outputs.plan(rows, prefill=False)
+        # Most steps no row asks for states, lens, logprobs or steering: no plan, no extras to gather.
+        plain = not any(s.slots or s.lens_slots or s.steering or s.top_logprobs >= 0 for s in rows)
+        plan, rows_by_slot = (NO_PLAN, {}) if plain else self.outputs.plan(rows, prefill=False)
         mask = self.kv.next_mask()
         if mask is not None:
             positions = to_device([s.position for s in rows], torch.long, lm.device)[:, None]
@@ -210,8 +212,10 @@ class ModelRunner:
             logits, captured = self._forward(input_ids, self.kv.cache, plan)
         tokens = choose_tokens(logits, [s.temperature for s in rows], [s.top_p for s in rows],
                                [s.generator for s in rows])
-        outs = self._outputs(rows, logits, tokens, Captured(captured, rows_by_slot, plan), prefill=False)
-        keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not self._advance(s, t, outs.get(i))]
+        outs = {} if plain else self._outputs(rows, logits, tokens, Captured(captured, rows_by_slot, plan),
+                                               prefill=False)
+        advance = self._advance
+        keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not advance(s, t, outs.get(i))]
         if len(keep) != len(rows):
             self._keep(keep)
 
