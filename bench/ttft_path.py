@@ -382,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only-big", action="store_true", help=f"only {BIG}")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the worker and the baseline (default: loom serve's rule, cpu_count - 1)")
+    p.add_argument("--ways", default=",".join(WAYS[1:]),
+                   help=f"ways to ask besides the baseline, comma-separated (default %(default)s)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ttft_path.json")
     args = p.parse_args(argv)
@@ -394,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                          "reps": args.reps, "models": {}}
     for name in names:
         try:
-            r["models"][name] = measure(made["models"][name]["path"], name, args.reps, threads, args.cache_dir)
+            r["models"][name] = measure(made["models"][name]["path"], name, args.reps, threads, args.cache_dir,
+                                        tuple(w for w in args.ways.split(",") if w in WAYS))
         except Exception as exc:
             log(f"{name}: the stack did not serve: {exc}")
             return 2
