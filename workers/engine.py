@@ -267,7 +267,7 @@ class Engine:
             return
         lm = done.loaded
         lm.model_id, lm.aliases = pending.model_id, pending.names
-        self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush)
+        self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush, self.batch.put_text)
         self._aliases.update((name, lm.model_id) for name in lm.aliases)
         log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; also known as %s)", lm.model_id,
                  lm.source, self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers,
