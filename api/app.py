@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from api.asgi import LoomApp
 from api.auth import require_api_key
 from api.broker_client import BrokerClient, BrokerError, new_rid
 from api.drain import Drain, DrainMiddleware
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await client.close()
         mark_process_dead()
 
-    app = FastAPI(
+    app = LoomApp(
         title="Loom",
         version="0.1.0",
         description="A model server for interpretability research: streams tokens as Server-Sent Events and "

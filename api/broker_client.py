@@ -39,13 +39,21 @@ class Mailbox:
     handler that fell behind by several tokens writes them in one go.
     """
 
-    __slots__ = ("frames", "_waiter")
+    __slots__ = ("frames", "_waiter", "sink", "on_text")
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
         self._waiter: asyncio.Future | None = None
+        # When set, frames go straight to it as they arrive (api/sse_stream.py), not to `frames`.
+        self.sink: Any = None
+        # Set with `sink` by one that also takes a plain token (no extras) as just its text.
+        self.on_text: Any = None
 
     def put(self, frame: Frame) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink(frame)
+            return
         self.frames.append(frame)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -134,11 +142,7 @@ class BrokerClient:
                 log.warning("dropped a malformed message from the broker: %s", exc)
                 continue
             if type(msg) is P.Tokens:
-                queues = self.queues
-                for frame in msg.tokens(buffers):
-                    box = queues.get(frame[0].rid)
-                    if box is not None:
-                        box.put(frame)
+                self._route_tokens(msg, buffers)
                 continue
             if isinstance(msg, P.Pong):
                 self._on_pong(msg)
@@ -146,6 +150,25 @@ class BrokerClient:
             box = self.queues.get(getattr(msg, "rid", ""))
             if box is not None:
                 box.put((msg, buffers))
+
+    def _route_tokens(self, msg: P.Tokens, buffers: list[Any]) -> None:
+        queues = self.queues
+        if msg.extras:
+            for frame in msg.tokens(buffers):
+                box = queues.get(frame[0].rid)
+                if box is not None:
+                    box.put(frame)
+            return
+        # Plain tokens (the common case): a sink that takes bare text gets just that, no Token message made.
+        t_emit = msg.t_emit
+        for rid, text, index in zip(msg.rids, msg.texts, msg.indexes):
+            box = queues.get(rid)
+            if box is not None:
+                on_text = box.on_text
+                if on_text is not None:
+                    on_text(text)
+                else:
+                    box.put((P.Token(rid, text, index, t_emit), []))
 
     def _on_pong(self, msg: P.Pong) -> None:
         if self.broker_id is not None and msg.broker_id != self.broker_id:
@@ -203,41 +226,26 @@ class BrokerClient:
         except BrokerError:
             pass
 
+    def exchange(self, msg: P.Message) -> "Exchange":
+        """Send `msg`; its frames arrive in the returned Exchange's mailbox. Raises BrokerError."""
+        return Exchange(self, msg)
+
     async def batches(self, msg: P.Message) -> AsyncIterator[list[Frame]]:
         """Send `msg` and yield its frames until the terminal one, in lists of those that arrived together.
 
         If the consumer stops early (the HTTP client went away), the request
         is cancelled, so the worker stops at its next step.
         """
-        rid = msg.rid  # type: ignore[attr-defined]
-        box = self.queues[rid] = Mailbox()
-        finished = False
-        observer = self.observer
         try:
-            self._send(msg)
-            if observer is not None:
-                observer.sent(msg)
-            while True:
-                frames = await box.take()
-                for i, frame in enumerate(frames):
-                    if isinstance(frame[0], TERMINAL):
-                        finished = True
-                        del frames[i + 1:]
-                        break
-                if observer is not None:
-                    observer.received(rid, frames)
-                yield frames
-                if finished:
-                    return
+            exchange = self.exchange(msg)
         except BrokerError as exc:
-            finished = True
-            yield [(exc.as_msg(rid), [])]
+            yield [(exc.as_msg(msg.rid), [])]  # type: ignore[attr-defined]
+            return
+        try:
+            while not exchange.finished:
+                yield await exchange.take()
         finally:
-            self.queues.pop(rid, None)
-            if observer is not None:
-                observer.closed(rid)
-            if not finished:
-                self.cancel(rid)
+            exchange.close()
 
     async def stream(self, msg: P.Message) -> AsyncIterator[Frame]:
         """As `batches`, one frame at a time."""
@@ -269,6 +277,61 @@ class BrokerClient:
         reply = await self.request(P.StatusRequest(rid=new_rid()), timeout)
         assert isinstance(reply, P.Status)
         return reply
+
+
+class Exchange:
+    """One request to the broker and the frames it gets back, up to the terminal one.
+
+    Its frames are taken in batches (`take`) or handed as they arrive to a
+    sink set on `box` (api/sse_stream.py); either way `arrived` sees them
+    first, so the metrics observer sees each frame once. `close` ends it:
+    the request is cancelled unless its terminal frame came.
+    """
+
+    __slots__ = ("client", "rid", "box", "finished", "observer", "closed")
+
+    def __init__(self, client: BrokerClient, msg: P.Message) -> None:
+        self.client = client
+        self.rid: str = msg.rid  # type: ignore[attr-defined]
+        self.box = client.queues[self.rid] = Mailbox()
+        self.finished = False
+        self.closed = False
+        self.observer = client.observer
+        try:
+            client._send(msg)
+        except BaseException:
+            self.finished = True  # nothing was sent: nothing to cancel
+            self.close()
+            raise
+        if self.observer is not None:
+            self.observer.sent(msg)
+
+    def arrived(self, frames: list[Frame]) -> list[Frame]:
+        """`frames` up to and including the terminal one (which finishes the exchange)."""
+        for i, frame in enumerate(frames):
+            if isinstance(frame[0], TERMINAL):
+                self.finished = True
+                del frames[i + 1:]
+                break
+        if self.observer is not None:
+            self.observer.received(self.rid, frames)
+        return frames
+
+    async def take(self) -> list[Frame]:
+        """The frames waiting (at least one), as `arrived` leaves them."""
+        return self.arrived(await self.box.take())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.client.queues.get(self.rid) is self.box:
+            del self.client.queues[self.rid]
+        self.box.sink = self.box.on_text = None
+        if self.observer is not None:
+            self.observer.closed(self.rid)
+        if not self.finished:
+            self.client.cancel(self.rid)
 
 
 def new_rid() -> str:

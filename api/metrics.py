@@ -112,6 +112,20 @@ class GenerationMetrics:
         if len(self._gaps) >= self.FLUSH_AT:
             self.flush()
 
+    def token(self, rid: str) -> None:
+        """As `received` for one plain Token of request `rid`."""
+        times = self._open.get(rid)
+        if times is None:
+            return
+        now = time.perf_counter()
+        if times[1]:
+            self._gaps.append(now - times[1])
+            if len(self._gaps) >= self.FLUSH_AT:
+                self.flush()
+        else:
+            TTFT.observe(now - times[0])
+        times[1] = now
+
     def closed(self, rid: str) -> None:
         self._open.pop(rid, None)
         self.flush()

@@ -11,14 +11,15 @@ import time
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from api.broker_client import BrokerClient, BrokerError, new_rid
-from api.events import Completion, Want, delta_event, error_event, hidden_fields, message_delta, metadata, usage
-from api.research_events import Collected, has_extras, states_events, token_events
+from api.events import Completion, Want, error_event, hidden_fields, metadata, usage
+from api.research_events import Collected, has_extras
 from api.research_schemas import steering_wire
-from api.responses import SSE_HEADERS, ORJSONResponse, error_response, sse_once
+from api.responses import ORJSONResponse, error_response, sse_once
 from api.schemas import GenerationFields
+from api.sse_stream import SseStream
 from loom import protocol as P
 
 Frames = AsyncIterator[tuple[P.Message, list[Any]]]
@@ -97,16 +98,7 @@ async def run(request: Request, fields: GenerationFields, want: Want, **extra: A
         return error_response(exc)
     msg = generate_msg(fields, model, want, **extra)
     if fields.stream:
-        # Admission is decided before the first token: an overloaded server
-        # answers 429 with Retry-After, and a request the worker refused
-        # (a layer out of range, say) 422, even to a streaming request.
-        arriving = batches(client, msg)
-        first = await anext(arriving, None)
-        if first is not None and isinstance(first[0][0], P.Error) and first[0][0].type in _BEFORE_STREAM:
-            await arriving.aclose()  # type: ignore[attr-defined]
-            return error_response(BrokerError.from_msg(first[0][0]))
-        return StreamingResponse(sse(_prepend(first, arriving), want, started), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+        return await streaming(client, msg, want, started)
     source = frames(client, msg)
     # A client that hangs up before the answer is complete cancels the work
     # too, as a streaming one does.
@@ -117,6 +109,46 @@ async def run(request: Request, fields: GenerationFields, want: Want, **extra: A
     if body is None:
         return Response(status_code=499)  # nobody is listening; the request was cancelled
     return ORJSONResponse(body)
+
+
+async def streaming(client: BrokerClient, msg: P.Generate, want: Want, started: float) -> Any:
+    """A streaming request's answer once its first frames are in: an SSE stream, or its HTTP error.
+
+    Admission is decided before the first token: an overloaded server
+    answers 429 with Retry-After, and a request the worker refused (a layer
+    out of range, say) 422, even to a streaming request. A model that is not
+    loaded yet is loaded first, as `batches` does.
+    """
+    for attempt in range(2):
+        try:
+            exchange = client.exchange(msg)
+            try:
+                first = await exchange.take()
+            except BaseException:
+                exchange.close()
+                raise
+        except BrokerError as exc:
+            return _stream_error(exc.as_msg(msg.rid))
+        reply = first[0][0]
+        if not isinstance(reply, P.Error) or reply.type not in (*_BEFORE_STREAM, P.ErrorType.MODEL_NOT_LOADED) \
+                or attempt == 1 and reply.type == P.ErrorType.MODEL_NOT_LOADED:
+            return SseStream(exchange, first, want, started)
+        exchange.close()
+        if reply.type != P.ErrorType.MODEL_NOT_LOADED:
+            return _stream_error(reply)
+        try:
+            await client.request(P.Load(rid=new_rid(), model=msg.model, device=msg.device))
+        except BrokerError as exc:
+            return _stream_error(exc.as_msg(msg.rid))
+        msg.rid = new_rid()
+    raise AssertionError("unreachable: the second attempt always answers")
+
+
+def _stream_error(error: P.Error) -> Response:
+    """A streaming request that ends before its stream: its HTTP status, or a stream of just its error event."""
+    if error.type in _BEFORE_STREAM:
+        return error_response(BrokerError.from_msg(error))
+    return sse_once(error_event(error))
 
 
 def answer_body(completion: Completion, final: P.Final, buffers: list[Any], want: Want, latency_s: float,
@@ -132,30 +164,6 @@ def answer_body(completion: Completion, final: P.Final, buffers: list[Any], want
         body.update(collected.fields(want))
     body["metadata"] = metadata(final, latency_s)
     return body
-
-
-async def sse(source: Batches, want: Want, started: float) -> AsyncIterator[bytes]:
-    # Frames are written the moment they arrive, those that arrived together
-    # in one write; if the client goes away, Starlette cancels this generator
-    # and `source` cancels the request.
-    try:
-        async for batch in source:
-            events = []
-            for reply, buffers in batch:
-                if isinstance(reply, P.Token):
-                    events.append(token_events(reply, buffers, want) if has_extras(reply) else delta_event(reply.text))
-                elif isinstance(reply, P.States):
-                    events.extend(states_events(reply.arrays, buffers, want))
-                elif isinstance(reply, (P.Final, P.Error)):
-                    events.append(message_delta(reply, buffers, want, time.perf_counter() - started)
-                                  if isinstance(reply, P.Final) else error_event(reply))
-                    yield b"".join(events)
-                    return
-            if events:
-                yield events[0] if len(events) == 1 else b"".join(events)
-        yield error_event(P.Error(rid="", type=P.ErrorType.INTERNAL, message="the request ended without an answer"))
-    finally:
-        await source.aclose()  # type: ignore[attr-defined]
 
 
 async def collect(source: Frames, completion: Completion, want: Want) -> dict[str, Any]:
@@ -210,16 +218,6 @@ async def until_disconnected(request: Request, work: Any) -> Any:
 async def disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    try:
-        if first is not None:
-            yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def _layer_keys(layers: Any) -> list[int] | None:
