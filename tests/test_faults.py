@@ -14,6 +14,9 @@ from tests.conftest import TOY
 from tests.helpers import Event, sse_events, start_stack, user, wait_until
 
 LONG = 1500  # tokens: a stream that runs for seconds on the toy model
+# Greedy on the generated toy model, which never ends its turn before max_tokens: 8000 tokens are
+# many seconds of generation, so a stream flowing when a worker is killed cannot have ended by then.
+UNENDING = 8000
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +55,8 @@ def _busy_workers(stack) -> dict[int, int]:
     return {w["pid"]: w["active_requests"] for w in stack.workers()}
 
 
-def _start_streams(stack, n: int) -> list[Stream]:
-    streams = [Stream(stack.url) for _ in range(n)]
+def _start_streams(stack, n: int, max_tokens: int = LONG) -> list[Stream]:
+    streams = [Stream(stack.url, max_tokens) for _ in range(n)]
     for s in streams:
         s.start()
     wait_until(lambda: all(len(s.events) >= 3 for s in streams), 30, 0.05, "every stream to be flowing")
@@ -69,24 +72,28 @@ def _wait_two_workers(stack, exclude: set[int] = frozenset()) -> list[int]:
 
 def test_killed_worker_fails_only_its_streams_and_is_restarted(pair):
     _wait_two_workers(pair)
-    streams = _start_streams(pair, 4)
+    # Every stream is flowing and none can end before the kill (UNENDING tokens), so the
+    # victim's count of requests read here is still its count when it dies.
+    streams = _start_streams(pair, 4, max_tokens=UNENDING)
     load = _busy_workers(pair)
     victim = max(load, key=load.get)
     expected_errors = load[victim]
     assert expected_errors >= 1
-    killed_at = time.perf_counter()
     os.kill(victim, signal.SIGKILL)
     for s in streams:
-        s.join(timeout=120)
+        s.join(timeout=300)
+    assert not any(s.is_alive() for s in streams), "a stream neither ended nor failed"
     errored = [s for s in streams if s.outcome == "error"]
     finished = [s for s in streams if s.outcome == "message_delta"]
     assert len(errored) == expected_errors, [s.outcome for s in streams]
     assert len(finished) == len(streams) - expected_errors
     for s in errored:
-        assert s.events[-1].at - killed_at < 3.0, "the error event came too late"
-        assert s.events[-1].data["error"]["type"] == "worker_lost"
+        error = s.events[-1].data["error"]
+        assert error["type"] == "worker_lost"
+        # Found by its closed connection, at the next heartbeat, not after the heartbeat timeout.
+        assert "its connection closed" in error["message"], error
     for s in finished:  # the other worker's streams ran to the end untouched
-        assert s.events[-1].data["usage"]["completion_tokens"] == LONG
+        assert s.events[-1].data["usage"]["completion_tokens"] == UNENDING
     # The API kept serving, and loom serve restarted the worker, which registered again.
     with pair.client() as client:
         assert client.post("/v1/chat/completions", json={"model": TOY, "messages": user("hi"),
