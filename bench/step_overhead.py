@@ -157,26 +157,37 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
         batch.route(req.rid, req.api)
     steps = []  # (tokens, step cpu ns, forward cpu ns)
     try:
-        while runner.active:
-            prefill = bool(runner.pending)
-            rows = len(runner.rows)
-            f0 = fwd.ns
-            t0 = time.thread_time_ns()
-            runner.step()
-            batch.flush()
-            t1 = time.thread_time_ns()
-            frames.clear()
-            if not prefill and rows:
-                steps.append((rows, t1 - t0, fwd.ns - f0))
-            elif pieces is not None:  # only decode steps count, as in the totals
-                pieces.reset()
-            if pieces is not None:
-                pieces.commit()
+        with inference_mode():  # as the engine's thread
+            _steps(runner, batch, frames, fwd, steps, pieces)
     finally:
         if pieces is not None:
             pieces.undo()
         fwd.undo()
     return _summary(steps)
+
+
+def inference_mode():
+    import torch
+
+    return torch.inference_mode()
+
+
+def _steps(runner, batch, frames, fwd, steps, pieces) -> None:
+    while runner.active:
+        prefill = bool(runner.pending)
+        rows = len(runner.rows)
+        f0 = fwd.ns
+        t0 = time.thread_time_ns()
+        runner.step()
+        batch.flush()
+        t1 = time.thread_time_ns()
+        frames.clear()
+        if not prefill and rows:
+            steps.append((rows, t1 - t0, fwd.ns - f0))
+        elif pieces is not None:  # only decode steps count, as in the totals
+            pieces.reset()
+        if pieces is not None:
+            pieces.commit()
 
 
 class _time_forward:

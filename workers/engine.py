@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from loom import protocol as P
 from loom.model_names import aliases_for, model_id_for
 from workers.figures import worker_figures
@@ -98,6 +100,11 @@ class Engine:
     # --- the loop ------------------------------------------------------------
 
     def _run(self) -> None:
+        # Nothing on this thread needs autograd; entered once instead of around every step.
+        with torch.inference_mode():
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             busy = any(r.active for r in self.runners.values())
             self._drain(block=not busy and not self.patches)
