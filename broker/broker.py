@@ -97,7 +97,11 @@ class Broker:
 
     def _send(self, sock: zmq.Socket, identity: bytes, frames: list[Any]) -> bool:
         try:
-            sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
+            if len(frames) == 1:  # most messages: two sends, without send_multipart's checks
+                sock.send(identity, zmq.NOBLOCK | zmq.SNDMORE)
+                sock.send(frames[0], zmq.NOBLOCK, copy=False)
+            else:
+                sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY); EAGAIN: it is

@@ -120,22 +120,27 @@ class SocketLoop:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
         poller = zmq.Poller()
+        poller.register(self.outbox.fileno, zmq.POLLIN)  # the engine's frames first when both are ready
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.outbox.fileno, zmq.POLLIN)
         self._register()
         next_beat = time.monotonic() + P.HEARTBEAT_INTERVAL_S
         known_models: list = []
+        sock, outbox = self.sock, self.outbox
         while not self.stopping:
             timeout = max(0.0, next_beat - time.monotonic())
-            events = dict(poller.poll(timeout * 1000))
-            if self.outbox.fileno in events:
-                for frames in self.outbox.drain():
+            # This thread wakes for every step's tokens: the least work per wake-up.
+            for ready, _ in poller.poll(timeout * 1000):
+                if ready is sock:
+                    self._receive()
+                    continue
+                for frames in outbox.drain():
                     try:
-                        self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                        if len(frames) == 1:
+                            sock.send(frames[0], zmq.NOBLOCK)
+                        else:
+                            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         log.warning("broker not accepting frames; dropped one")
-            if self.sock in events:
-                self._receive()
             now = time.monotonic()
             if now >= next_beat or self.engine.model_infos is not known_models:
                 # A changed model list is announced at once, not at the next beat.

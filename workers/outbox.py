@@ -19,6 +19,7 @@ class Outbox:
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
+        self._woken = False  # a wake-up byte is in the pipe that no drain has started on
 
     @property
     def fileno(self) -> int:
@@ -26,15 +27,20 @@ class Outbox:
 
     def put(self, msg: P.Message, buffers: list[Any]) -> None:
         self._frames.append(P.encode(msg, buffers))
-        try:
-            os.write(self._write_fd, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already: the reader will drain
+        # One wake-up byte per batch the reader has not started on: a frame
+        # put while one is pending rides on it (drain clears the flag before
+        # it takes the frames, so a frame after that writes a new one).
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._write_fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already: the reader will drain
 
     def drain(self) -> list[list[Any]]:
+        self._woken = False
         try:
-            while os.read(self._read_fd, 4096):
-                pass
+            os.read(self._read_fd, 4096)  # a wake-up left over makes one empty drain later, no harm
         except BlockingIOError:
             pass
         frames = []
