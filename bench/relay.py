@@ -8,7 +8,8 @@ threads, from /proc) over the steady phase, divided by the messages and
 tokens it relayed, is a figure the other processes on the machine barely move.
 
     python bench/relay.py                      # 64 streams, 300 steps at 40 steps/s
-    python bench/relay.py --strace             # also syscalls per message (strace -c -f on the broker)
+    python bench/relay.py --strace             # also syscalls per message (strace -c -f on the broker;
+                                               # strace inflates that run's CPU: compare CPU without it)
     python bench/relay.py --rate 0             # steps back to back (throughput-bound)
 """
 from __future__ import annotations
