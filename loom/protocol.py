@@ -19,54 +19,21 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from loom.error_types import HTTP_STATUS, ErrorType  # noqa: F401 (re-exported: P.ErrorType, P.HTTP_STATUS)
+from loom.protocol_checks import (MAX_ARRAY_BYTES, ProtocolError, check_arrays, check_tokens,  # noqa: F401 (re-exported)
+                                  check_types)
+
 PROTOCOL_VERSION = 1
 
 # Largest header we accept; a header is a small map and anything larger is
 # hostile or broken. Array parts are bounded separately.
 MAX_HEADER_BYTES = 1 << 20
-MAX_ARRAY_BYTES = 1 << 30
 
 HEARTBEAT_INTERVAL_S = 0.5
 # A peer that has been silent this long is considered gone. A dead peer whose
 # TCP connection closed is noticed sooner: the broker's next heartbeat to it
 # fails with EHOSTUNREACH (ROUTER_MANDATORY).
 HEARTBEAT_TIMEOUT_S = 4.0
-
-
-class ProtocolError(ValueError):
-    """A message that does not follow this protocol; it is dropped and logged."""
-
-
-# --- error types shared by every layer (and surfaced to HTTP clients) ---------
-
-class ErrorType:
-    INVALID_REQUEST = "invalid_request_error"
-    MODEL_NOT_FOUND = "model_not_found"
-    MODEL_NOT_LOADED = "model_not_loaded"
-    MODEL_LOAD_FAILED = "model_load_error"
-    CONTEXT_LENGTH = "context_length_exceeded"
-    OVERLOADED = "overloaded_error"
-    NO_WORKER = "no_worker_available"
-    WORKER_LOST = "worker_lost"
-    BROKER_LOST = "broker_lost"
-    SHUTTING_DOWN = "server_shutting_down"  # the API is draining before it exits
-    INTERNAL = "internal_error"
-
-
-# HTTP status for each error type, used by the API for non-streaming answers.
-HTTP_STATUS = {
-    ErrorType.INVALID_REQUEST: 422,
-    ErrorType.MODEL_NOT_FOUND: 404,
-    ErrorType.MODEL_NOT_LOADED: 404,
-    ErrorType.MODEL_LOAD_FAILED: 400,
-    ErrorType.CONTEXT_LENGTH: 400,
-    ErrorType.OVERLOADED: 429,
-    ErrorType.NO_WORKER: 503,
-    ErrorType.WORKER_LOST: 503,
-    ErrorType.BROKER_LOST: 503,
-    ErrorType.SHUTTING_DOWN: 503,
-    ErrorType.INTERNAL: 500,
-}
 
 
 # --- messages ------------------------------------------------------------------
@@ -92,10 +59,9 @@ class Message:
         return h
 
 
-# Encoding and decoding run once per token in every process: each class's
-# fields and type checks are worked out once, not per message.
+# Decoding runs once per token in every process: each class's fields are
+# worked out once, not per message.
 _FIELDS: dict[type, tuple[str, ...]] = {}
-_CHECKS: dict[type, list[tuple[str, str, bool]]] = {}
 
 
 def _fields(cls: type) -> tuple[str, ...]:
@@ -103,19 +69,6 @@ def _fields(cls: type) -> tuple[str, ...]:
     if names is None:
         names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
     return names
-
-
-def _checks(cls: type) -> list[tuple[str, str, bool]]:
-    """(field, base type as written, whether None is allowed) for each field."""
-    checks = _CHECKS.get(cls)
-    if checks is None:
-        checks = []
-        for f in dataclasses.fields(cls):
-            annotation = str(f.type)
-            allows_none = "None" in annotation or f.default is None
-            checks.append((f.name, annotation.split("|")[0].strip(), allows_none))
-        _CHECKS[cls] = checks
-    return checks
 
 
 @dataclass
@@ -461,12 +414,12 @@ def decode(frames: list[Any]) -> tuple[Message, list[Any]]:
         msg = cls(**{k: v for k, v in header.items() if k in names})
     except TypeError as exc:
         raise ProtocolError(f"bad {cls.kind} message: {exc}") from None
-    _check_types(msg)
+    check_types(msg)
     buffers = list(frames[1:])
     if isinstance(msg, (Final, Token, States)):
-        _check_arrays(msg.kind, msg.arrays, buffers)
+        check_arrays(msg.kind, msg.arrays, buffers)
     elif isinstance(msg, Tokens):
-        _check_tokens(msg, buffers)
+        check_tokens(msg, buffers)
     return msg, buffers
 
 
@@ -476,117 +429,3 @@ def decode_each(frames: list[Any]) -> list[tuple[Message, list[Any]]]:
     if type(msg) is Tokens:
         return msg.tokens(buffers)  # type: ignore[return-value]
     return [(msg, buffers)]
-
-
-_SIMPLE_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool, "bytes": bytes}
-
-
-_FAST_CHECKS: dict[type, list[tuple[str, Any, Any]]] = {}
-_INT_TYPES, _DICT_TYPES = frozenset({int, bool}), frozenset({dict})
-
-
-def _all_str(values: list[Any]) -> bool:
-    try:
-        "".join(values)  # the per-element check in C
-        return True
-    except TypeError:
-        return False
-
-
-def _fast_checks(cls: type) -> list[tuple[str, Any, Any]]:
-    """(field, exact types allowed, a check of the element types or None) per field, from `_checks`."""
-    fast = _FAST_CHECKS.get(cls)
-    if fast is None:
-        fast = []
-        for name, base, allows_none in _checks(cls):
-            simple = _SIMPLE_TYPES.get(base)
-            types = {*(simple if isinstance(simple, tuple) else (simple,))} if simple else None
-            if base.startswith("list"):
-                types = {list}
-            elif base.startswith("dict"):
-                types = {dict}
-            elems = next((check for p, check in (("list[int]", _INT_TYPES.issuperset), ("list[str]", _all_str),
-                                                 ("list[dict", _DICT_TYPES.issuperset)) if base.startswith(p)), None)
-            if types is not None and allows_none:
-                types.add(type(None))
-            fast.append((name, frozenset(types) if types is not None else None, elems))
-        _FAST_CHECKS[cls] = fast
-    return fast
-
-
-def _check_types(msg: Message) -> None:
-    """Reject fields whose type is plainly wrong, so no handler trips on them."""
-    # Decoded msgpack holds exact builtin types: checking those by set lookups
-    # (elements in C) spares a per-element isinstance loop on every token
-    # batch. Anything the fast pass does not vouch for gets the full checks.
-    for name, types, elems in _fast_checks(type(msg)):
-        value = getattr(msg, name)
-        if value is None:
-            if types is None or type(None) not in types:
-                break
-        elif types is not None and type(value) not in types or elems is not None and not elems(
-                value if elems is _all_str else map(type, value)):
-            break
-    else:
-        return
-    for name, base, allows_none in _checks(type(msg)):
-        value = getattr(msg, name)
-        if value is None:
-            if not allows_none:
-                raise ProtocolError(f"{msg.kind}.{name} is required")
-            continue
-        if base in _SIMPLE_TYPES and not isinstance(value, _SIMPLE_TYPES[base]):
-            raise ProtocolError(f"{msg.kind}.{name} must be {base}")
-        if base.startswith("list") and not isinstance(value, list):
-            raise ProtocolError(f"{msg.kind}.{name} must be a list")
-        # Elements too: a handler indexing a model entry or comparing a layer must not trip.
-        if base.startswith("list[int]") and not all(isinstance(v, int) for v in value):
-            raise ProtocolError(f"{msg.kind}.{name} must be a list of ints")
-        if base.startswith("list[str]") and not all(isinstance(v, str) for v in value):
-            raise ProtocolError(f"{msg.kind}.{name} must be a list of strings")
-        if base.startswith("list[dict") and not all(isinstance(v, dict) for v in value):
-            raise ProtocolError(f"{msg.kind}.{name} must be a list of maps")
-        if base.startswith("dict") and not isinstance(value, dict):
-            raise ProtocolError(f"{msg.kind}.{name} must be a map")
-
-
-_DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
-def _check_tokens(msg: Tokens, buffers: list[Any]) -> None:
-    """Entries line up, and each entry's extras are shaped as a Token's (its arrays as _check_arrays wants)."""
-    n = len(msg.rids)
-    if len(msg.texts) != n or len(msg.indexes) != n or (msg.extras and len(msg.extras) != n):
-        raise ProtocolError(f"tokens: {n} rids, {len(msg.texts)} texts, {len(msg.indexes)} indexes, "
-                            f"{len(msg.extras)} extras")
-    arrays: list[Any] = []
-    for extra in msg.extras:
-        entry = extra.get("arrays", [])
-        logprobs, lens = extra.get("logprobs"), extra.get("lens")
-        if not isinstance(entry, list) or not (logprobs is None or isinstance(logprobs, list)
-                                               and all(isinstance(e, dict) for e in logprobs)) \
-                or not (lens is None or isinstance(lens, dict)):
-            raise ProtocolError(f"tokens: bad extras {extra!r}"[:200])
-        arrays += entry
-    _check_arrays(msg.kind, arrays, buffers)
-
-
-def _check_arrays(kind: str, arrays: list[Any], buffers: list[Any]) -> None:
-    if len(arrays) != len(buffers):
-        raise ProtocolError(f"{kind} has {len(arrays)} array specs but {len(buffers)} buffers")
-    for spec, buf in zip(arrays, buffers):
-        size = _DTYPE_SIZES.get(spec.get("dtype")) if isinstance(spec, dict) else None
-        shape = spec.get("shape") if isinstance(spec, dict) else None
-        if size is None or not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise ProtocolError(f"bad array spec {spec!r}"[:200])
-        keys = spec.get("keys")
-        where = [spec.get(k, 0) for k in ("position", "prompt_tokens")]
-        if not isinstance(keys, list) or not all(isinstance(k, int) for k in keys) \
-                or not all(isinstance(w, int) and w >= 0 for w in where):
-            raise ProtocolError(f"bad array spec {spec!r}"[:200])
-        n = 1
-        for d in shape:
-            n *= d
-        if n * size != len(buf) or n * size > MAX_ARRAY_BYTES:
-            raise ProtocolError(f"array of shape {spec.get('shape')} does not match {len(buf)} bytes")
-
