@@ -83,6 +83,10 @@ def test_json_logs(json_stack: Stack):
         return found if {r["process"] for r in found} == {"api", "broker", "worker:cpu"} else None
 
     wait_until(tagged, 30, 0.1, "the request's lines from every process")
+    # The launcher says it is serving once its own /health poll sees the model,
+    # which may come after the fixture's: wait for that line, not a clock.
+    wait_until(lambda: any(e["message"].startswith("Loom is serving") for e in records(json_stack.log())), 60, 0.1,
+               "loom serve's serving line")
     entries = records(json_stack.log())
     assert {"serve", "broker", "api", "worker:cpu"} <= {e["process"] for e in entries}
     for e in entries:
