@@ -28,8 +28,9 @@ class Outbox:
     def put(self, msg: P.Message, buffers: list[Any]) -> None:
         self._frames.append(P.encode(msg, buffers))
         # One wake-up byte per batch the reader has not started on: a frame
-        # put while one is pending rides on it (drain clears the flag before
-        # it takes the frames, so a frame after that writes a new one).
+        # put while one is pending rides on it (drain clears the flag after
+        # it empties the pipe and before it takes the frames, so a frame put
+        # after that writes a new byte, which no earlier read can swallow).
         if not self._woken:
             self._woken = True
             try:
@@ -38,11 +39,14 @@ class Outbox:
                 pass  # the pipe is full of wake-ups already: the reader will drain
 
     def drain(self) -> list[list[Any]]:
-        self._woken = False
         try:
             os.read(self._read_fd, 4096)  # a wake-up left over makes one empty drain later, no harm
         except BlockingIOError:
             pass
+        # Only now: cleared before the read, a put landing between the two
+        # would write a byte that this read swallows, leaving the flag set
+        # with no byte in the pipe, and every later frame stranded.
+        self._woken = False
         frames = []
         while self._frames:
             frames.append(self._frames.popleft())
