@@ -58,3 +58,21 @@ def test_frames_come_out_in_order() -> None:
     frames = outbox.drain()
     assert [P.decode(f)[0].rid for f in frames] == ["0", "1", "2", "3", "4"]
     assert outbox.drain() == []
+
+
+def test_a_frame_without_a_wake_up_is_caught_at_the_second_heartbeat() -> None:
+    outbox = Outbox()
+    outbox.put(P.Cancel(rid="woken"), [])
+    assert outbox.overdue() == []  # waiting, with its wake-up byte: not overdue
+    assert len(outbox.drain()) == 1  # the drain the byte brings
+    assert outbox.overdue() == []
+
+    outbox._woken = True  # as a lost wake-up leaves it: the flag set, no byte in the pipe
+    outbox.put(P.Cancel(rid="stranded"), [])
+    assert not select.select([outbox.fileno], [], [], 0)[0]
+    assert outbox.overdue() == []  # first seen: it may have just arrived
+    late = outbox.overdue()  # still the oldest a heartbeat later: sent late instead of never
+    assert [P.decode(f)[0].rid for f in late] == ["stranded"]
+    assert outbox.overdue() == []
+    outbox.put(P.Cancel(rid="next"), [])  # and the wake-ups work again
+    assert select.select([outbox.fileno], [], [], 0)[0]

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -111,6 +112,17 @@ class SocketLoop:
         except zmq.Again:
             pass  # broker unreachable; heartbeats will re-register us
 
+    def _send_frames(self, batch: list[list[Any]]) -> None:
+        sock = self.sock
+        for frames in batch:
+            try:
+                if len(frames) == 1:
+                    sock.send(frames[0], zmq.NOBLOCK)
+                else:
+                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("broker not accepting frames; dropped one")
+
     def _register(self) -> None:
         self._send(P.Register(worker_id=self.worker_id, device=self.args.device, host=socket.gethostname(),
                               pid=os.getpid(), capacity=self.args.capacity, models=self.engine.model_infos,
@@ -133,15 +145,14 @@ class SocketLoop:
                 if ready is sock:
                     self._receive()
                     continue
-                for frames in outbox.drain():
-                    try:
-                        if len(frames) == 1:
-                            sock.send(frames[0], zmq.NOBLOCK)
-                        else:
-                            sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        log.warning("broker not accepting frames; dropped one")
+                self._send_frames(outbox.drain())
             now = time.monotonic()
+            if now >= next_beat:
+                late = outbox.overdue()
+                if late:
+                    log.warning("%d frame(s) waited a heartbeat with no wake-up from the engine thread; sent now "
+                                "(a lost wake-up in workers/outbox.py: please report it)", len(late))
+                    self._send_frames(late)
             if now >= next_beat or self.engine.model_infos is not known_models:
                 # A changed model list is announced at once, not at the next beat.
                 known_models = self.engine.model_infos

@@ -20,6 +20,7 @@ class Outbox:
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
         self._woken = False  # a wake-up byte is in the pipe that no drain has started on
+        self._first_seen: list[Any] | None = None  # the oldest frame at the last `overdue` call
 
     @property
     def fileno(self) -> int:
@@ -51,3 +52,16 @@ class Outbox:
         while self._frames:
             frames.append(self._frames.popleft())
         return frames
+
+    def overdue(self) -> list[list[Any]]:
+        """The waiting frames, drained, if the oldest was already waiting at the previous call.
+
+        The socket thread calls this once a heartbeat: a frame that waited a
+        whole interval had no wake-up (a drain follows a wake-up within
+        microseconds), and is sent late instead of never. Only the socket
+        thread pops frames, so the oldest one cannot go while this looks.
+        """
+        first = self._frames[0] if self._frames else None
+        stale = first is not None and first is self._first_seen
+        self._first_seen = None if stale else first
+        return self.drain() if stale else []
