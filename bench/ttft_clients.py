@@ -7,8 +7,8 @@ import asyncio
 import json
 import socket
 import time
-import uuid
 
+from bench.clients import ZClient
 from bench.common import MESSAGES
 
 BODY = {"messages": MESSAGES, "max_tokens": 2, "temperature": 0, "stream": True}
@@ -88,20 +88,8 @@ class RawHttp:
             self.sock = None
 
 
-class ZmqDirect:
-    """A DEALER on the broker's frontend, as an API process talks to it."""
-
-    def __init__(self, address: str):
-        import zmq
-
-        from loom import protocol as P
-
-        self.zmq, self.P = zmq, P
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, f"ttft-{uuid.uuid4().hex[:8]}".encode())
-        self.sock.connect(address)
+class ZmqDirect(ZClient):
+    """A DEALER on the broker's frontend, as an API process talks to it (ZClient's socket, one request at a time)."""
 
     def ask(self, model: str, rid: str, request_id: str) -> dict[str, float]:
         P = self.P
@@ -125,7 +113,3 @@ class ZmqDirect:
                 elif isinstance(reply, P.Final):
                     return marks
         raise TimeoutError("no answer from the broker")
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
