@@ -19,6 +19,7 @@ import zmq
 from loom import protocol as P
 from loom.logs import request_context
 from loom.model_names import answers_to
+from loom.token_batch import TokenBatch
 
 log = logging.getLogger("loom.broker")
 
@@ -294,11 +295,11 @@ class Broker:
             self._api_gone(worker, msg.rids)
 
     def _regroup(self, identity: bytes, msg: P.Tokens, buffers: list[Any]) -> None:
-        groups: dict[bytes, P.TokenBatch] = {}
+        groups: dict[bytes, TokenBatch] = {}
         for token, bufs in msg.tokens(buffers):
             route = self.routes.get(token.rid)
             if route is not None and route.worker == identity:
-                groups.setdefault(route.api, P.TokenBatch()).add(token, bufs)
+                groups.setdefault(route.api, TokenBatch()).add(token, bufs)
         worker = self.workers[identity]
         for api, group in groups.items():
             if not self._to_api(api, *group.message(api, msg.t_emit)):

@@ -229,42 +229,6 @@ class Tokens(Message):
         return out
 
 
-class TokenBatch:
-    """Token messages bound for one API process, collected into one Tokens message."""
-
-    __slots__ = ("rids", "texts", "indexes", "extras", "buffers", "has_extras")
-
-    def __init__(self) -> None:
-        self.rids: list[str] = []
-        self.texts: list[str] = []
-        self.indexes: list[int] = []
-        self.extras: list[dict[str, Any]] = []
-        self.buffers: list[Any] = []
-        self.has_extras = False
-
-    def __len__(self) -> int:
-        return len(self.rids)
-
-    def add(self, token: Token, buffers: list[Any]) -> None:
-        self.rids.append(token.rid)
-        self.texts.append(token.text)
-        self.indexes.append(token.index)
-        extra: dict[str, Any] = {}
-        if token.arrays:
-            extra["arrays"] = token.arrays
-            self.buffers.extend(buffers)
-        if token.logprobs is not None:
-            extra["logprobs"] = token.logprobs
-        if token.lens is not None:
-            extra["lens"] = token.lens
-        self.extras.append(extra)
-        self.has_extras = self.has_extras or bool(extra)
-
-    def message(self, api: bytes, t_emit: float) -> tuple[Tokens, list[Any]]:
-        return Tokens(api=api, rids=self.rids, texts=self.texts, indexes=self.indexes, t_emit=t_emit,
-                      extras=self.extras if self.has_extras else []), self.buffers
-
-
 @dataclass
 class States(Message):
     """Per-position hidden states outside a Token: the prompt's block ([P, H]

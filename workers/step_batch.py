@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from loom import protocol as P
+from loom.token_batch import TokenBatch
 
 Send = Callable[[P.Message, list[Any]], None]
 
@@ -22,7 +23,7 @@ class StepBatch:
     def __init__(self, send: Send) -> None:
         self._send = send
         self._api: dict[str, bytes] = {}  # rid -> identity of the API process that asked
-        self._groups: dict[bytes, P.TokenBatch] = {}
+        self._groups: dict[bytes, TokenBatch] = {}
         self._waiting: set[str] = set()  # rids with a token in a group
         self._after: list[tuple[P.Message, list[Any]]] = []
 
@@ -37,7 +38,7 @@ class StepBatch:
             api = self._api.get(msg.rid, b"")
             group = self._groups.get(api)
             if group is None:
-                group = self._groups[api] = P.TokenBatch()
+                group = self._groups[api] = TokenBatch()
             group.add(msg, buffers)
             self._waiting.add(msg.rid)
             return
@@ -54,11 +55,8 @@ class StepBatch:
         api = self._api.get(rid, b"")
         group = self._groups.get(api)
         if group is None:
-            group = self._groups[api] = P.TokenBatch()
-        group.rids.append(rid)
-        group.texts.append(text)
-        group.indexes.append(index)
-        group.extras.append({})
+            group = self._groups[api] = TokenBatch()
+        group.add_text(rid, text, index)
         self._waiting.add(rid)
 
     def flush(self) -> None:
