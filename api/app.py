@@ -30,6 +30,7 @@ from api.responses import ORJSONResponse, error_response
 from api.schemas import ChatRequest, GenerateRequest, LoadRequest
 from api.settings import Settings
 from loom import protocol as P
+from loom.heap import freeze_startup_heap
 
 log = logging.getLogger("loom.api")
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.broker = client
         log.info("API up: broker %s, default model %s, API key %s", settings.broker, settings.default_model or "(none)",
                  "required" if settings.api_key else "not required")
+        freeze_startup_heap()
         yield
         await client.close()
         mark_process_dead()

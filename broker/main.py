@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import signal
 import time
@@ -13,6 +12,7 @@ import zmq
 from broker.broker import Broker
 from loom import protocol as P
 from loom.config import DEFAULT_BACKEND, DEFAULT_FRONTEND, add_common_arguments, env, setup_logging
+from loom.heap import freeze_startup_heap
 
 log = logging.getLogger("loom.broker")
 
@@ -68,9 +68,7 @@ def run(args: argparse.Namespace) -> int:
     poller = zmq.Poller()
     poller.register(backend, zmq.POLLIN)  # workers' frames first when both are ready
     poller.register(frontend, zmq.POLLIN)
-    # What startup made lives as long as the process: out of the collector's
-    # full passes, which would otherwise walk it all again and again.
-    gc.freeze()
+    freeze_startup_heap()
     next_beat = time.monotonic()
     handlers = {backend: broker.on_backend, frontend: broker.on_frontend}
     while not stopping:

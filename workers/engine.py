@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from loom import protocol as P
+from loom.heap import collect_all, freeze_heap
 from loom.model_names import aliases_for, model_id_for
 from workers.figures import worker_figures
 from workers.model_store import LoadedModel, ModelLoadError, load_model, resolve_source
@@ -275,6 +276,7 @@ class Engine:
         lm = done.loaded
         lm.model_id, lm.aliases = pending.model_id, pending.names
         self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush, self.batch.put_text)
+        freeze_heap()
         self._aliases.update((name, lm.model_id) for name in lm.aliases)
         log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; also known as %s)", lm.model_id,
                  lm.source, self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers,
@@ -304,9 +306,7 @@ class Engine:
 
 
 def _free_memory(device: str) -> None:
-    import gc
-
-    gc.collect()
+    collect_all()
     if device.startswith("cuda"):
         import torch
 

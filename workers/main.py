@@ -22,6 +22,7 @@ import zmq
 from loom import protocol as P
 from loom.config import DEFAULT_BACKEND, add_common_arguments, env, setup_logging
 from loom.curve import add_curve_client_arguments, apply_curve_client
+from loom.heap import freeze_startup_heap
 
 log = logging.getLogger("loom.worker")
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("device %s asked for, but torch sees no CUDA device; use --device cpu", args.device)
         return 2
     worker_id = f"{socket.gethostname()}/{args.device}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
+    freeze_startup_heap()  # torch and transformers, imported: before the engine thread makes anything
     outbox = Outbox()
     engine = Engine(args.device, outbox, model_dirs(args), args.capacity, args.trust_remote_code)
     engine.start()
