@@ -210,13 +210,15 @@ class _time_forward:
 
 
 def _instrument(p: Pieces, runner, batch) -> None:
+    import workers.detokenizer as D
     import workers.runner as R
-    from workers.detokenizer import IncrementalDetokenizer
     from workers.kv_cache import BatchCache
 
     p.wrap(R, "choose_tokens", "sampling")
     p.wrap(R, "to_device", "step inputs (to_device)")
-    p.wrap(IncrementalDetokenizer, "push", "detokenize")
+    for kind in ("IncrementalDetokenizer", "ByteDetokenizer"):  # the second only in trees that have it
+        if hasattr(D, kind):
+            p.wrap(getattr(D, kind), "push", "detokenize")
     p.wrap(runner, "_advance", "stop checks/advance")
     p.wrap(runner, "_emit_token", "emit (Token objects)")
     p.wrap(runner, "_finish", "finish (Final)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from loom import protocol as P
-from workers.detokenizer import IncrementalDetokenizer
+from workers.detokenizer import new_detokenizer
 from workers.hidden import LayerHooks, LayerIndexError, slot_for
 from workers.model_store import LoadedModel
 from workers.sequence import Sequence
@@ -85,7 +85,7 @@ def build_sequence(lm: LoadedModel, hooks: LayerHooks, req: P.Generate) -> Seque
         top_p=float(req.top_p),
         generator=generator,
         slots=slots,
-        detok=IncrementalDetokenizer(lm.tokenizer, ids[-4:]),
+        detok=new_detokenizer(lm.tokenizer, lm.byte_table, ids[-4:]),
         positions=req.positions,
         lens_slots=lens_slots,
         lens_top_k=req.lens_top_k if lens_slots else 0,

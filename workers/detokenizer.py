@@ -14,7 +14,9 @@ that decodes twice), which keeps each decode short.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Union
+
+from workers.byte_detokenizer import ByteDetokenizer
 
 # Prefix length (tokens) at which the window slides. Longer windows slide less
 # often but cost more per decode; 2 to 6 tokens decode in about the same time.
@@ -72,3 +74,11 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.ids)
         self.prefix_text = ""
         return rest
+
+
+Detokenizer = Union[IncrementalDetokenizer, ByteDetokenizer]
+
+
+def new_detokenizer(tokenizer: Any, table: list[bytes] | None, prompt_tail: list[int]) -> Detokenizer:
+    """A byte-table detokenizer when the model has a table (no left context needed), else a window one."""
+    return ByteDetokenizer(table) if table is not None else IncrementalDetokenizer(tokenizer, prompt_tail)

@@ -278,8 +278,9 @@ class Engine:
         self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush, self.batch.put_text)
         freeze_heap()
         self._aliases.update((name, lm.model_id) for name in lm.aliases)
-        log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; also known as %s)", lm.model_id,
-                 lm.source, self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size, lm.num_layers,
+        log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; text by %s; also known as %s)",
+                 lm.model_id, lm.source, self.device, lm.info()["dtype"], lm.load_time_s, lm.hidden_size,
+                 lm.num_layers, "byte table" if lm.byte_table is not None else "decoding windows",
                  ", ".join(lm.aliases[1:]) or "nothing else")
         self._refresh_infos()
         for rid in rids:

@@ -22,6 +22,8 @@ import torch
 # transformers at the same time can see a half-initialised module.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from workers.byte_detokenizer import byte_table
+
 log = logging.getLogger("loom.worker")
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -59,6 +61,8 @@ class LoadedModel:
     cache_kwarg: str = "past_key_values"
     accepts_logits_to_keep: bool = False
     aliases: list[str] = field(default_factory=list)  # every name it answers to (loom/model_names.py)
+    # Each token's bytes when the tokenizer is plainly byte-level (workers/byte_detokenizer.py), else None.
+    byte_table: list[bytes] | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -176,6 +180,7 @@ def load_model(model_id: str, source: str, dtype: str, device: str, trust_remote
         source=source,
         cache_kwarg="cache" if "cache" in forward_params else "past_key_values",
         accepts_logits_to_keep="logits_to_keep" in forward_params,
+        byte_table=byte_table(tokenizer),
     )
     return loaded
 

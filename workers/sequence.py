@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from workers.detokenizer import IncrementalDetokenizer
+from workers.detokenizer import Detokenizer
 
 # hidden_state_positions whose states leave the worker as they are made.
 STREAMED_POSITIONS = ("generated", "prompt", "all")
@@ -24,7 +24,7 @@ class Sequence:
     generator: random.Random | torch.Generator | None  # a sampled row's own; None for greedy
     # capture slot -> the layer indices the client asked for that name it
     slots: dict[int, list[int]]
-    detok: IncrementalDetokenizer
+    detok: Detokenizer
     positions: str = "last"  # "last" | "generated" | "prompt" | "all"
     lens_slots: dict[int, list[int]] = field(default_factory=dict)  # logit lens: slot -> layer indices asked
     lens_top_k: int = 0
