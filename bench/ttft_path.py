@@ -67,7 +67,7 @@ STAGES = [
     ("worker.sampled", "worker: first token chosen"),
     ("worker.flush", "worker: token accounted (detokenize)"),
     ("worker.outbox_put", "worker: Tokens message made"),
-    ("worker.socket_took", "worker socket thread: took it (encode, pipe, wake-up)"),
+    ("worker.socket_took", "worker engine thread: encoded and handed to ZeroMQ"),
     ("broker.backend_in", "broker: Tokens read (ZeroMQ hop)"),
     ("broker.to_api", "broker: decoded, routes checked"),
     ("api.frames_decoded", "API: Tokens read (ZeroMQ hop)"),

@@ -235,7 +235,7 @@ class Broker:
     # --- backend: frames from workers ---------------------------------------------------
 
     def on_backend(self, frames: list[Any]) -> None:
-        identity, body = bytes(frames[0]), frames[1:]
+        identity, body = P.worker_identity(bytes(frames[0])), frames[1:]
         try:
             msg, buffers = P.decode(body)
         except P.ProtocolError as exc:

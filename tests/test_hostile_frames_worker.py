@@ -31,6 +31,7 @@ class FakeBroker:
         self.sock.bind(f"tcp://127.0.0.1:{self.port}")
         self.worker: bytes | None = None
         self.replies: dict[str, list[tuple[P.Message, list[bytes]]]] = {}
+        self.senders: dict[str, set[bytes]] = {}  # rid -> the connections its replies came on
         self.models: list[dict[str, Any]] = []
 
     def pump(self, timeout: float) -> None:
@@ -47,6 +48,7 @@ class FakeBroker:
                         self.models = msg.models
                 else:
                     self.replies.setdefault(msg.rid, []).append((msg, buffers))
+                    self.senders.setdefault(msg.rid, set()).add(identity)
             frames = recv(self.sock, 0)
 
     def send(self, frames: list[bytes]) -> None:
@@ -101,6 +103,17 @@ def generate_ok(fake: FakeBroker, rid: str, max_tokens: int = 3) -> None:
     indexes = [t.index for t in tokens]
     assert indexes == sorted(set(indexes)) and indexes[-1] < max_tokens, replies
     assert final.model == TOY and final.stop_reason == "max_tokens"
+
+
+def test_request_frames_come_on_the_engine_connection_and_model_lists_on_the_worker_one(worker_and_fake_broker):
+    fake, _, _ = worker_and_fake_broker
+    generate_ok(fake, "via-data")
+    assert fake.senders["via-data"] == {fake.worker + P.DATA_IDENTITY_SUFFIX}
+    assert P.worker_identity(fake.worker + P.DATA_IDENTITY_SUFFIX) == fake.worker == P.worker_identity(fake.worker)
+    # Loaded changes the model list the heartbeats carry: it goes with them, in order.
+    fake.send(P.encode(P.Load(rid="reload", model=TOY)))
+    assert isinstance(fake.wait_for("reload", 60)[-1], P.Loaded)
+    assert fake.senders["reload"] == {fake.worker}
 
 
 def test_worker_drops_malformed_frames_and_keeps_serving(worker_and_fake_broker):

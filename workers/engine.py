@@ -1,9 +1,11 @@
 """The worker's busy loop: commands in, model steps, frames out.
 
-It runs on its own thread and never touches a socket: commands arrive on
-`inbox` (a queue filled by the socket thread) and frames leave through
-`outbox` (drained by the socket thread). Loading a model happens on a loader
-thread so that running streams keep streaming while a new model loads.
+It runs on its own thread and never waits on a socket: commands arrive on
+`inbox` (a queue filled by the socket thread); request frames leave on the
+engine's own socket (workers/data_socket.py: a send that never blocks), and
+model lists through `outbox` (drained by the socket thread, in order with its
+heartbeats). Loading a model happens on a loader thread so that running
+streams keep streaming while a new model loads.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from loom import protocol as P
 from loom.heap import collect_all, freeze_heap
 from loom.model_names import aliases_for, model_id_for
+from workers.data_socket import DataSocket
 from workers.figures import worker_figures
 from workers.model_store import LoadedModel, ModelLoadError, load_model, resolve_source
 from workers.outbox import Outbox
@@ -61,9 +64,12 @@ class _Reset:
 
 class Engine:
     def __init__(self, device: str, outbox: Outbox, model_dirs: list[Path], capacity: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, data: DataSocket | None = None):
         self.device = device
         self.outbox = outbox
+        # Request frames go out on the engine's own socket when it has one; model
+        # lists (Loaded, Unloaded) keep the socket thread's, in order with its heartbeats.
+        self.data = data
         self.model_dirs = model_dirs
         self.capacity = capacity
         self.trust_remote_code = trust_remote_code
@@ -73,7 +79,7 @@ class Engine:
         self._aliases: dict[str, str] = {}  # every name a model answers to -> model id
         self._loading: dict[str, _Loading] = {}  # by source
         self.requests = RequestLog()
-        self.batch = StepBatch(outbox.put)  # a step's tokens: one message per API process
+        self.batch = StepBatch(self._out)  # a step's tokens: one message per API process
         self.patches = PatchJobs(self._send)  # POST /patch jobs, one forward pass per loop
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -102,8 +108,18 @@ class Engine:
 
     def _run(self) -> None:
         # Nothing on this thread needs autograd; entered once instead of around every step.
-        with torch.inference_mode():
-            self._loop()
+        try:
+            with torch.inference_mode():
+                self._loop()
+        finally:
+            if self.data is not None:
+                self.data.close()  # only this thread touches it
+
+    def _out(self, msg: P.Message, buffers: list[Any]) -> None:
+        if self.data is None or type(msg) in (P.Loaded, P.Unloaded):
+            self.outbox.put(msg, buffers)
+        else:
+            self.data.put(msg, buffers)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -23,8 +23,12 @@ from loom import protocol as P
 from loom.config import DEFAULT_BACKEND, add_common_arguments, env, setup_logging
 from loom.curve import add_curve_client_arguments, apply_curve_client
 from loom.heap import freeze_startup_heap
+from workers.data_socket import DataSocket
 
 log = logging.getLogger("loom.worker")
+
+# How long a stopping worker waits for the engine thread to finish its step.
+ENGINE_STOP_WAIT_S = 10.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         from workers.prefill_threads import PREFILL
 
         PREFILL.configure(torch.get_num_threads(), args.prefill_threads)
-    # The socket thread must get the GIL soon after a token is ready; the
-    # default 5 ms switch interval would add up to 5 ms to its relay.
+    # The socket thread must get the GIL soon after a request arrives; the
+    # default 5 ms switch interval would add up to 5 ms to its hand-over.
     sys.setswitchinterval(0.0005)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         log.error("device %s asked for, but torch sees no CUDA device; use --device cpu", args.device)
@@ -82,22 +86,24 @@ def run(args: argparse.Namespace) -> int:
     worker_id = f"{socket.gethostname()}/{args.device}/{os.getpid()}/{uuid.uuid4().hex[:6]}"
     freeze_startup_heap()  # torch and transformers, imported: before the engine thread makes anything
     outbox = Outbox()
-    engine = Engine(args.device, outbox, model_dirs(args), args.capacity, args.trust_remote_code)
+    ctx = zmq.Context()
+    engine = Engine(args.device, outbox, model_dirs(args), args.capacity, args.trust_remote_code,
+                    data=DataSocket(ctx, worker_id, args))
     engine.start()
     for model in args.model:
         engine.preload(model, args.dtype)
-    log.info("worker %s on %s (torch %s, %d threads), broker %s", worker_id, args.device, torch.__version__,
-             torch.get_num_threads(), args.broker)
-    return SocketLoop(worker_id, args, engine, outbox).run()
+    log.info("worker %s on %s (torch %s, %d threads), broker %s; the engine thread sends request frames itself",
+             worker_id, args.device, torch.__version__, torch.get_num_threads(), args.broker)
+    return SocketLoop(worker_id, args, engine, outbox, ctx).run()
 
 
 class SocketLoop:
-    def __init__(self, worker_id: str, args: argparse.Namespace, engine, outbox) -> None:
+    def __init__(self, worker_id: str, args: argparse.Namespace, engine, outbox, ctx: zmq.Context) -> None:
         self.worker_id = worker_id
         self.args = args
         self.engine = engine
         self.outbox = outbox
-        self.ctx = zmq.Context()
+        self.ctx = ctx
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -164,7 +170,11 @@ class SocketLoop:
         log.info("worker %s stopping", self.worker_id)
         self.engine.stop()
         self.sock.close(0)
-        self.ctx.term()
+        # The engine thread closes its own socket when its step ends; a context
+        # with a socket open would wait for it, so one stuck in a long forward is left to exit.
+        self.engine.thread.join(ENGINE_STOP_WAIT_S)
+        if not self.engine.thread.is_alive():
+            self.ctx.term()
         return 0
 
     def _receive(self) -> None:

@@ -1,8 +1,11 @@
 """Frames leaving the engine thread, handed to the socket thread.
 
 A deque plus a wake-up pipe: the socket thread polls the pipe's read end next
-to its ZeroMQ socket, so a token is on the wire microseconds after the engine
-produced it, and the engine never blocks on (or touches) a socket.
+to its ZeroMQ socket, so a frame is on the wire microseconds after the engine
+produced it, and the engine never blocks on (or touches) that socket. Request
+frames take the engine's own socket instead (workers/data_socket.py); what
+comes here is the model list changes, which must stay in order with the
+socket thread's heartbeats, and everything when there is no data socket.
 """
 from __future__ import annotations
 

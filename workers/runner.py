@@ -193,9 +193,9 @@ class ModelRunner:
         keep = [i for i, (s, t) in enumerate(zip(seqs, tokens))
                 if i not in done and not self._advance(s, t, outs.get(i))]
         self.flush()  # the first tokens leave now, not after the cache merge below
-        # The socket thread was just woken to send them: on a busy machine it may be queued behind
+        # ZeroMQ's I/O thread was just woken to write them: on a busy machine it may be queued behind
         # this thread, which would go straight on to the merge and the next step. Yield the core
-        # (and the GIL) once, so the first token is on the wire before more work starts.
+        # once, so the first token is on the wire before more work starts.
         os.sched_yield()
         if not keep:
             return

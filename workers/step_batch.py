@@ -2,11 +2,11 @@
 
 The engine sends every frame through `put`. Token messages are held and
 grouped by the API process their request came from (the broker stamps it on
-the Generate); `flush`, called once per engine loop, hands each group to the
-outbox as one `Tokens` message: one msgpack encode, one pipe wake-up, one
-ZeroMQ message through the broker and one read in the API, instead of one per
-row. A request's other frames (its Final, a States block) never overtake its
-tokens: while it has a token waiting they wait behind the batch.
+the Generate); `flush`, called once per engine loop, sends each group as one
+`Tokens` message: one msgpack encode, one ZeroMQ message through the broker
+and one read in the API, instead of one per row. A request's other frames
+(its Final, a States block) never overtake its tokens: while it has a token
+waiting they wait behind the batch.
 """
 from __future__ import annotations
 

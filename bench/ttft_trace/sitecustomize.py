@@ -14,7 +14,6 @@ requests spaced apart, not for throughput runs.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import importlib.abc
 import importlib.machinery
@@ -177,7 +176,6 @@ def _patch_broker(m) -> None:
 
 _prefilling: list = []  # rids of the prefill under way (engine thread only)
 _cpu = [0.0]  # the worker's process_time() when that prefill started
-_in_outbox: collections.deque = collections.deque()  # rid lists of Tokens messages, in outbox order
 
 
 class _TracedInbox:
@@ -270,33 +268,21 @@ def _patch_step_batch(m) -> None:
     _wrap(m, "StepBatch", "flush", make_flush)
 
 
-def _patch_outbox(m) -> None:
+def _patch_data_socket(m) -> None:
+    """The engine thread sends a step's Tokens itself (workers/data_socket.py): stamped before and after."""
     from loom import protocol as P
 
     def make_put(original):
         def put(self, msg, buffers):
-            if type(msg) is P.Tokens:
-                for rid in msg.rids:
-                    _first("worker.outbox_put", rid)
-                _in_outbox.append(list(msg.rids))
-                original(self, msg, buffers)
-            else:
-                _in_outbox.append([])
-                original(self, msg, buffers)
-        return put
-    _wrap(m, "Outbox", "put", make_put)
-
-    def make_drain(original):
-        def drain(self):
-            frames = original(self)
+            rids = list(msg.rids) if type(msg) is P.Tokens else []
+            for rid in rids:
+                _first("worker.outbox_put", rid)
+            original(self, msg, buffers)
             now = time.time()
-            for _ in frames:
-                rids = _in_outbox.popleft() if _in_outbox else []
-                for rid in rids:
-                    _first("worker.socket_took", rid, now)
-            return frames
-        return drain
-    _wrap(m, "Outbox", "drain", make_drain)
+            for rid in rids:
+                _first("worker.socket_took", rid, now)
+        return put
+    _wrap(m, "DataSocket", "put", make_put)
 
 
 PATCHES = {
@@ -307,7 +293,7 @@ PATCHES = {
     "workers.engine": _patch_engine,
     "workers.runner": _patch_runner,
     "workers.step_batch": _patch_step_batch,
-    "workers.outbox": _patch_outbox,
+    "workers.data_socket": _patch_data_socket,
 }
 
 
