@@ -84,3 +84,10 @@ def test_a_table_that_disagrees_with_the_tokenizer_is_not_used(monkeypatch):
     # One wrong token: the check against the tokenizer's own decode must catch it.
     monkeypatch.setattr(bd, "_token_bytes", lambda token: b"?" if token == "e" else real(token))
     assert bd.byte_table(tokenizer) is None
+
+
+def test_bytes_that_are_no_character_wait_for_text_that_is():
+    table = bd.byte_table(_toy())
+    stray, letter = table.index(b"\x80"), table.index(b"a")
+    assert _stream(table, [stray, stray, letter]) == ["", "", "\ufffd\ufffda", ""]
+    assert _stream(table, [letter, stray]) == ["a", "", "\ufffd"]  # flush gives what is held

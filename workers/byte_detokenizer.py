@@ -92,19 +92,31 @@ def _agrees(backend: Any, table: list[bytes], special: set[int]) -> bool:
 class ByteDetokenizer:
     """Text for each new token as soon as it is whole, from a byte table (same interface as IncrementalDetokenizer)."""
 
-    __slots__ = ("table", "_utf8")
+    __slots__ = ("table", "_utf8", "_held")
 
     def __init__(self, table: list[bytes]) -> None:
         self.table = table
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        # Text ending in U+FFFD (bytes that are no character) waits for text that is, as the
+        # window detokenizer's does: a model emitting byte garbage costs one event, not one a token.
+        self._held = ""
 
     def push(self, token_id: int) -> str:
         try:
             piece = self.table[token_id]
         except IndexError:  # an id past the tokenizer's vocabulary (a padded embedding): decode skips it too
             return ""
-        return self._utf8.decode(piece)
+        text = self._utf8.decode(piece)
+        if not text:
+            return ""
+        if text.endswith("\ufffd"):
+            self._held += text
+            return ""
+        if self._held:
+            text, self._held = self._held + text, ""
+        return text
 
     def flush(self) -> str:
-        """A character left unfinished when generation ends: U+FFFD, as decoding the whole text gives."""
-        return self._utf8.decode(b"", True)
+        """What is held, and a character left unfinished when generation ends (U+FFFD, as decoding the whole text gives)."""
+        rest, self._held = self._held + self._utf8.decode(b"", True), ""
+        return rest
