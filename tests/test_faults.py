@@ -14,9 +14,9 @@ from loom.protocol import HEARTBEAT_TIMEOUT_S
 from tests.conftest import TOY
 from tests.helpers import Event, sse_events, start_stack, user, wait_until
 
-LONG = 1500  # tokens: a stream that runs for seconds on the toy model
 # Greedy on the generated toy model, which never ends its turn before max_tokens: 8000 tokens are
-# many seconds of generation, so a stream flowing when a worker is killed cannot have ended by then.
+# many seconds of generation, so a stream flowing when a worker or the broker is killed or frozen
+# cannot have ended by then, however fast the relay gets.
 UNENDING = 8000
 
 
@@ -32,11 +32,12 @@ def pair(tmp_path_factory, model_dir):
 class Stream(threading.Thread):
     """One streaming chat in a thread, recording each event and when it came."""
 
-    def __init__(self, url: str, max_tokens: int = LONG):
+    def __init__(self, url: str, max_tokens: int):
         super().__init__(daemon=True)
         self.url, self.max_tokens = url, max_tokens
         self.events: list[Event] = []
         self.status = 0
+        self.hang_up = threading.Event()  # set: the client closes the stream at its next event
 
     def run(self) -> None:
         body = {"model": TOY, "messages": user("Keep going."), "max_tokens": self.max_tokens, "temperature": 0,
@@ -46,6 +47,8 @@ class Stream(threading.Thread):
                 self.status = r.status_code
                 for event in sse_events(r):
                     self.events.append(event)
+                    if self.hang_up.is_set():
+                        break
 
     @property
     def outcome(self) -> str:
@@ -56,7 +59,7 @@ def _busy_workers(stack) -> dict[int, int]:
     return {w["pid"]: w["active_requests"] for w in stack.workers()}
 
 
-def _start_streams(stack, n: int, max_tokens: int = LONG) -> list[Stream]:
+def _start_streams(stack, n: int, max_tokens: int = UNENDING) -> list[Stream]:
     streams = [Stream(stack.url, max_tokens) for _ in range(n)]
     for s in streams:
         s.start()
@@ -75,7 +78,7 @@ def test_killed_worker_fails_only_its_streams_and_is_restarted(pair):
     _wait_two_workers(pair)
     # Every stream is flowing and none can end before the kill (UNENDING tokens), so the
     # victim's count of requests read here is still its count when it dies.
-    streams = _start_streams(pair, 4, max_tokens=UNENDING)
+    streams = _start_streams(pair, 4)
     load = _busy_workers(pair)
     victim = max(load, key=load.get)
     expected_errors = load[victim]
@@ -108,6 +111,7 @@ def test_killed_worker_fails_only_its_streams_and_is_restarted(pair):
 
 def test_frozen_worker_is_given_up_and_sends_nothing_stale(pair):
     _wait_two_workers(pair)
+    # None can end before the freeze; the other worker's stream is hung up once the error came.
     streams = _start_streams(pair, 2)
     load = _busy_workers(pair)
     victim = max(load, key=load.get)
@@ -124,6 +128,7 @@ def test_frozen_worker_is_given_up_and_sends_nothing_stale(pair):
     finally:
         os.kill(victim, signal.SIGCONT)
     for s in streams:
+        s.hang_up.set()
         s.join(timeout=120)
     counts = {id(s): len(s.events) for s in streams}
     # Awake again: it learns it was forgotten, drops its stale work and registers anew.
@@ -139,6 +144,7 @@ def test_frozen_worker_is_given_up_and_sends_nothing_stale(pair):
 
 def test_broker_restart_fails_in_flight_and_recovers(pair):
     _wait_two_workers(pair)
+    # Streams that cannot end before the kill, however fast the relay: both must see the broker go.
     streams = _start_streams(pair, 2)
     broker = int(subprocess.run(["pgrep", "-f", "-P", str(pair.proc.pid), "loom broker"], capture_output=True,
                                 text=True).stdout.split()[0])
