@@ -1,8 +1,8 @@
 """The API process's one connection to the broker.
 
 One DEALER socket and one reader: a callback the event loop runs when the
-socket's file descriptor signals (no zmq.asyncio futures: each of those cost
-a send ~0.1 ms, an extra loop pass per send included). The reader routes every incoming
+socket's file descriptor signals (no zmq.asyncio futures: they cost each send
+~0.1 ms, an extra loop pass included). The reader routes every incoming
 frame to the mailbox of the request it belongs to (a step's tokens arrive as
 one Tokens message for this process and are split here), so each HTTP handler
 just awaits its own mailbox and writes out what it holds the moment it

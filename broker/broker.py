@@ -19,6 +19,7 @@ import zmq
 from loom import protocol as P
 from loom.logs import request_context
 from loom.model_names import answers_to
+from loom.peers import worker_identity
 from loom.token_batch import TokenBatch
 
 log = logging.getLogger("loom.broker")
@@ -235,7 +236,7 @@ class Broker:
     # --- backend: frames from workers ---------------------------------------------------
 
     def on_backend(self, frames: list[Any]) -> None:
-        identity, body = P.worker_identity(bytes(frames[0])), frames[1:]
+        identity, body = worker_identity(bytes(frames[0])), frames[1:]
         try:
             msg, buffers = P.decode(body)
         except P.ProtocolError as exc:

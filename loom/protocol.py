@@ -35,15 +35,6 @@ HEARTBEAT_INTERVAL_S = 0.5
 # fails with EHOSTUNREACH (ROUTER_MANDATORY).
 HEARTBEAT_TIMEOUT_S = 4.0
 
-# A worker's second connection, on which its engine thread sends request
-# frames itself (workers/data_socket.py), has the worker's identity plus this.
-DATA_IDENTITY_SUFFIX = b"/data"
-
-
-def worker_identity(identity: bytes) -> bytes:
-    """The worker a broker-side identity belongs to: its data connection counts as the worker."""
-    return identity[:-len(DATA_IDENTITY_SUFFIX)] if identity.endswith(DATA_IDENTITY_SUFFIX) else identity
-
 
 # --- messages ------------------------------------------------------------------
 

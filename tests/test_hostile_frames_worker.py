@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from loom import protocol as P
+from loom.peers import DATA_IDENTITY_SUFFIX, worker_identity
 from tests.conftest import TOY
 from tests.helpers import free_port, stop_group, wait_until
 from tests.hostile_frames import count, header, malformed_frames, pack, recv, spawn
@@ -108,8 +109,8 @@ def generate_ok(fake: FakeBroker, rid: str, max_tokens: int = 3) -> None:
 def test_request_frames_come_on_the_engine_connection_and_model_lists_on_the_worker_one(worker_and_fake_broker):
     fake, _, _ = worker_and_fake_broker
     generate_ok(fake, "via-data")
-    assert fake.senders["via-data"] == {fake.worker + P.DATA_IDENTITY_SUFFIX}
-    assert P.worker_identity(fake.worker + P.DATA_IDENTITY_SUFFIX) == fake.worker == P.worker_identity(fake.worker)
+    assert fake.senders["via-data"] == {fake.worker + DATA_IDENTITY_SUFFIX}
+    assert worker_identity(fake.worker + DATA_IDENTITY_SUFFIX) == fake.worker == worker_identity(fake.worker)
     # Loaded changes the model list the heartbeats carry: it goes with them, in order.
     fake.send(P.encode(P.Load(rid="reload", model=TOY)))
     assert isinstance(fake.wait_for("reload", 60)[-1], P.Loaded)

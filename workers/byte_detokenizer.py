@@ -65,14 +65,14 @@ def byte_table(tokenizer: Any) -> list[bytes] | None:
         for i in range(size):
             token = backend.id_to_token(i)
             table.append(b"" if token is None or i in special else _token_bytes(token))
-        if _agrees(backend, table, special):
+        if _agrees(backend, table):
             return table
     except Exception:  # a tokenizer this code does not understand: the window detokenizer is always right
         log.debug("no byte table for %s", type(tokenizer).__name__, exc_info=True)
     return None
 
 
-def _agrees(backend: Any, table: list[bytes], special: set[int]) -> bool:
+def _agrees(backend: Any, table: list[bytes]) -> bool:
     def decode(ids: list[int]) -> str:
         return b"".join(table[i] for i in ids).decode("utf-8", "replace")
 

@@ -63,12 +63,12 @@ class _Reset:
 
 
 class Engine:
-    def __init__(self, device: str, outbox: Outbox, model_dirs: list[Path], capacity: int,
-                 trust_remote_code: bool = False, data: DataSocket | None = None):
+    def __init__(self, device: str, outbox: Outbox, data: DataSocket, model_dirs: list[Path], capacity: int,
+                 trust_remote_code: bool = False):
         self.device = device
+        # Request frames go out on the engine's own socket; model lists (Loaded,
+        # Unloaded) through the socket thread's, in order with its heartbeats.
         self.outbox = outbox
-        # Request frames go out on the engine's own socket when it has one; model
-        # lists (Loaded, Unloaded) keep the socket thread's, in order with its heartbeats.
         self.data = data
         self.model_dirs = model_dirs
         self.capacity = capacity
@@ -112,11 +112,10 @@ class Engine:
             with torch.inference_mode():
                 self._loop()
         finally:
-            if self.data is not None:
-                self.data.close()  # only this thread touches it
+            self.data.close()  # only this thread touches it
 
     def _out(self, msg: P.Message, buffers: list[Any]) -> None:
-        if self.data is None or type(msg) in (P.Loaded, P.Unloaded):
+        if type(msg) in (P.Loaded, P.Unloaded):
             self.outbox.put(msg, buffers)
         else:
             self.data.put(msg, buffers)

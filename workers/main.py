@@ -21,9 +21,9 @@ import zmq
 
 from loom import protocol as P
 from loom.config import DEFAULT_BACKEND, add_common_arguments, env, setup_logging
-from loom.curve import add_curve_client_arguments, apply_curve_client
+from loom.curve import add_curve_client_arguments
 from loom.heap import freeze_startup_heap
-from workers.data_socket import DataSocket
+from workers.data_socket import DataSocket, broker_dealer, send_now
 
 log = logging.getLogger("loom.worker")
 
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     freeze_startup_heap()  # torch and transformers, imported: before the engine thread makes anything
     outbox = Outbox()
     ctx = zmq.Context()
-    engine = Engine(args.device, outbox, model_dirs(args), args.capacity, args.trust_remote_code,
-                    data=DataSocket(ctx, worker_id, args))
+    engine = Engine(args.device, outbox, DataSocket(ctx, worker_id, args), model_dirs(args), args.capacity,
+                    args.trust_remote_code)
     engine.start()
     for model in args.model:
         engine.preload(model, args.dtype)
@@ -104,13 +104,7 @@ class SocketLoop:
         self.engine = engine
         self.outbox = outbox
         self.ctx = ctx
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        apply_curve_client(self.sock, args)
-        self.sock.connect(args.broker)
+        self.sock = broker_dealer(ctx, worker_id.encode(), args)
         self.stopping = False
         self.last_heard = time.monotonic()
 
@@ -121,14 +115,8 @@ class SocketLoop:
             pass  # broker unreachable; heartbeats will re-register us
 
     def _send_frames(self, batch: list[list[Any]]) -> None:
-        sock = self.sock
         for frames in batch:
-            try:
-                if len(frames) == 1:
-                    sock.send(frames[0], zmq.NOBLOCK)
-                else:
-                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not send_now(self.sock, frames):
                 log.warning("broker not accepting frames; dropped one")
 
     def _register(self) -> None:

@@ -5,7 +5,7 @@ to its ZeroMQ socket, so a frame is on the wire microseconds after the engine
 produced it, and the engine never blocks on (or touches) that socket. Request
 frames take the engine's own socket instead (workers/data_socket.py); what
 comes here is the model list changes, which must stay in order with the
-socket thread's heartbeats, and everything when there is no data socket.
+socket thread's heartbeats.
 """
 from __future__ import annotations
 
