@@ -40,13 +40,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = BrokerClient(settings.broker, settings.curve)
+        client = BrokerClient(settings.broker, settings.curve, settings.direct_replies)
         client.observer = GenerationMetrics()
         await client.start()
         await client.wait_connected(settings.broker_wait_s)
         app.state.broker = client
-        log.info("API up: broker %s, default model %s, API key %s", settings.broker, settings.default_model or "(none)",
-                 "required" if settings.api_key else "not required")
+        log.info("API up: broker %s, default model %s, API key %s, replies %s", settings.broker,
+                 settings.default_model or "(none)", "required" if settings.api_key else "not required",
+                 f"straight from this host's workers at {client.replies.endpoint}" if client.replies
+                 else "all through the broker")
         freeze_startup_heap()
         yield
         await client.close()

@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 import zmq
 
+from api.reply_socket import open_reply_socket
 from loom import protocol as P
 from loom.curve import apply_curve_client
 from loom.logs import current_request_id
@@ -92,7 +93,7 @@ class BrokerError(Exception):
 
 
 class BrokerClient:
-    def __init__(self, address: str, curve: Namespace | None = None):
+    def __init__(self, address: str, curve: Namespace | None = None, direct_replies: bool = True):
         self.address = address
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -106,6 +107,8 @@ class BrokerClient:
         if curve is not None:
             apply_curve_client(self.sock, curve)
         self.sock.connect(address)
+        # Where workers on this host send a generation's frames, skipping the broker (api/reply_socket.py).
+        self.replies = open_reply_socket() if direct_replies else None
         self.queues: dict[str, Mailbox] = {}
         self.broker_id: str | None = None
         self.last_pong = 0.0
@@ -122,6 +125,8 @@ class BrokerClient:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.sock.getsockopt(zmq.FD), self._read)
         self._loop.call_soon(self._read)  # anything that came before the reader was added
+        if self.replies is not None:
+            await self.replies.start(self._route_safely)
         self._tasks = [asyncio.create_task(self._ping(), name="broker-ping")]
 
     async def wait_connected(self, timeout: float) -> bool:
@@ -137,6 +142,8 @@ class BrokerClient:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._loop is not None:
             self._loop.remove_reader(self.sock.getsockopt(zmq.FD))
+        if self.replies is not None:
+            self.replies.close()
         self.sock.close(0)
         self.ctx.term()
 
@@ -156,10 +163,14 @@ class BrokerClient:
                 frames = sock.recv_multipart(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                self._route(frames)
-            except Exception:  # one bad message must not stop the reader
-                log.exception("error routing a message from the broker; dropped")
+            self._route_safely(frames)
+
+    def _route_safely(self, frames: list[Any]) -> None:
+        """Route one message, from the broker or straight from a worker (api/reply_socket.py)."""
+        try:
+            self._route(frames)
+        except Exception:  # one bad message must not stop the reader
+            log.exception("error routing a message; dropped")
 
     def _route(self, frames: list[Any]) -> None:
         try:
@@ -236,6 +247,8 @@ class BrokerClient:
     def _send(self, msg: P.Message) -> None:
         if getattr(msg, "request_id", None) == "":
             msg.request_id = current_request_id()  # type: ignore[attr-defined]
+        if type(msg) is P.Generate and self.replies is not None:
+            msg.reply_to = self.replies.endpoint
         try:
             self._send_frames(P.encode(msg))
         except zmq.Again:

@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout", type=float, default=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
                         help="on SIGTERM, seconds running requests get to finish before they are ended "
                              "(env LOOM_DRAIN_TIMEOUT; default %(default)g)")
+    parser.add_argument("--no-direct-replies", dest="direct_replies", action="store_false",
+                        default=env("LOOM_DIRECT_REPLIES", "1") != "0",
+                        help="take every frame through the broker, even from workers on this host, which otherwise "
+                             "send a generation's frames straight to this process (env LOOM_DIRECT_REPLIES=0)")
     parser.add_argument("--fd", type=int, default=None,
                         help="serve on this inherited listening socket instead of binding --host/--port "
                              "(loom serve passes one to each API process)")
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         required_models=args.require_model or required_models_from_env(),
         drain_timeout=args.drain_timeout,
         broker_wait_s=args.wait_for_broker,
+        direct_replies=args.direct_replies,
     )
     app = create_app(settings)
     # log_config=None: uvicorn's own lines go through Loom's handler (text or JSON, with request ids).

@@ -17,6 +17,7 @@ class Settings:
     required_models: list[str] = field(default_factory=list)  # /health is 503 until these are loaded
     drain_timeout: float = 30.0  # seconds running requests get to finish after SIGTERM
     broker_wait_s: float = 0.0  # at start, how long to wait for the broker before serving
+    direct_replies: bool = True  # workers on this host send generations' frames straight here (api/reply_socket.py)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -28,6 +29,7 @@ class Settings:
             curve=Namespace(curve_keys=Path(keys), curve_name=env("LOOM_CURVE_NAME", "client")) if keys else None,
             required_models=required_models_from_env(),
             drain_timeout=float(env("LOOM_DRAIN_TIMEOUT", "30") or 30),
+            direct_replies=env("LOOM_DIRECT_REPLIES", "1") != "0",
         )
 
 

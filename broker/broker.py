@@ -5,6 +5,9 @@ It keeps the worker table (device, models, load, last heartbeat) and one
 route per request in flight (which API asked, which worker serves it). A
 frame from a worker is relayed only if that worker owns the request, so a
 worker that was given up on (a missed heartbeat) can send nothing stale.
+A worker on the asking API's host may send a generation's frames straight
+to it instead (workers/direct_replies.py) and tell the broker when the
+request is over (`Ended`).
 """
 from __future__ import annotations
 
@@ -265,6 +268,10 @@ class Broker:
         route = self.routes.get(rid) if rid is not None else None
         if route is None or not route.served_by(identity):
             return  # a request that was cancelled, failed over, or never ours
+        if isinstance(msg, P.Ended):  # its frames went straight to the API (workers/direct_replies.py)
+            self.routes.pop(rid, None)
+            worker.routes.discard(rid)
+            return
         if isinstance(msg, P.Loaded) and not worker.has_model(msg.info.get("model_id", "")):
             worker.models = [*worker.models, *_valid_models([msg.info])]
         if isinstance(msg, P.Unloaded):

@@ -9,7 +9,8 @@ the worker side.
 Topology: API processes (DEALER) -> broker frontend (ROUTER); workers
 (DEALER) -> broker backend (ROUTER). The broker sees the sender identity as
 the first part of every message and prepends the destination identity when
-it sends.
+it sends. A worker on the API's host may send a generation's frames straight
+to that API process (Generate.reply_to, workers/direct_replies.py).
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ class Generate(Message):
     # The asking API process's identity, stamped by the broker (whatever the API
     # sent): the worker groups each step's tokens by it into one Tokens message.
     api: bytes = b""
+    # The API process's own socket for this request's frames (workers/direct_replies.py); "" = via the broker.
+    reply_to: str = ""
 
 
 @dataclass
@@ -143,6 +146,14 @@ class Unload(Message):
 @dataclass
 class Cancel(Message):
     kind: ClassVar[str] = "cancel"
+    rid: str
+
+
+@dataclass
+class Ended(Message):
+    """Worker -> broker: a request answered on the API's own socket is over (its route can go)."""
+
+    kind: ClassVar[str] = "ended"
     rid: str
 
 

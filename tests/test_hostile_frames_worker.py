@@ -182,7 +182,9 @@ def test_worker_survives_well_formed_but_hostile_requests(worker_and_fake_broker
         last = replies[-1]
         assert isinstance(last, (P.Final, P.Error)), (rid, replies)
         if isinstance(last, P.Final):
-            assert 1 <= last.completion_tokens <= 2, (rid, last)
+            # An end of turn may be sampled first (infinite temperature draws it 1 time in vocabulary size).
+            assert last.completion_tokens <= 2, (rid, last)
+            assert last.completion_tokens >= 1 or last.stop_reason == "end_turn", (rid, last)
         else:
             assert last.type == P.ErrorType.INVALID_REQUEST, (rid, last)
     assert "h-final" not in fake.replies

@@ -20,6 +20,7 @@ import zmq
 from loom import protocol as P
 from loom.curve import apply_curve_client
 from loom.peers import DATA_IDENTITY_SUFFIX
+from workers.direct_replies import DirectReplies
 
 log = logging.getLogger("loom.worker")
 
@@ -49,13 +50,26 @@ def send_now(sock: zmq.Socket, frames: list[Any]) -> bool:
 
 
 class DataSocket:
-    """`put(msg, buffers)` sends at once, without blocking. Only the engine thread may call it."""
+    """`put(msg, buffers)` sends at once, without blocking. Only the engine thread may use it.
+
+    A request whose API process is on this host answers it directly
+    (workers/direct_replies.py): `route` says which way each request goes.
+    """
 
     def __init__(self, ctx: zmq.Context, worker_id: str, args: argparse.Namespace) -> None:
         self.sock = broker_dealer(ctx, worker_id.encode() + DATA_IDENTITY_SUFFIX, args)
+        self.direct = DirectReplies(self._to_broker)
         self._dropped = 0
 
+    def route(self, rid: str, api: bytes, reply_to: str) -> bytes:
+        """The key a request's tokens are batched under (StepBatch): one per destination."""
+        return self.direct.route(rid, api, reply_to)
+
     def put(self, msg: P.Message, buffers: list[Any]) -> None:
+        if not self.direct.send(msg, buffers):
+            self._to_broker(msg, buffers)
+
+    def _to_broker(self, msg: P.Message, buffers: list[Any] | tuple[Any, ...] = ()) -> None:
         if not send_now(self.sock, P.encode(msg, buffers)):
             # The broker fails the request when it notices; waiting here would stop every stream.
             self._dropped += 1
@@ -63,4 +77,5 @@ class DataSocket:
                 log.warning("broker not accepting frames; %d dropped so far", self._dropped)
 
     def close(self) -> None:
+        self.direct.close()
         self.sock.close(0)

@@ -123,7 +123,10 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             busy = any(r.active for r in self.runners.values())
-            self._drain(block=not busy and not self.patches)
+            direct = self.data.direct
+            if direct.pending:  # an API process's socket was full: write the rest before waiting long
+                direct.flush()
+            self._drain(block=not busy and not self.patches, timeout=0.01 if direct.pending else 0.5)
             for runner in list(self.runners.values()):
                 if runner.active:
                     try:
@@ -134,14 +137,16 @@ class Engine:
             if self.patches:  # between decode steps, so running streams wait at most one chunk
                 self.patches.step(shared=any(r.active for r in self.runners.values()))
             self.batch.flush()
+            for rid in direct.take_lost():  # nobody reads these any more
+                self._cancel(rid)
             self.active = sum(r.active for r in self.runners.values()) + len(self.patches)
             now = time.monotonic()
             if now - self._figures_at > 0.2 or not self.active:  # an emptied batch shows at once
                 self.figures, self._figures_at = worker_figures(self.runners.values()), now
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float) -> None:
         try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            item = self.inbox.get(timeout=timeout) if block else self.inbox.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -172,9 +177,8 @@ class Engine:
         elif isinstance(item, P.Patch):
             self._patch(item)
         elif isinstance(item, P.Cancel):
-            if any(runner.cancel(item.rid) for runner in self.runners.values()) or self.patches.cancel(item.rid):
-                self.requests.cancelled(item.rid)
-            self.batch.forget(item.rid)
+            self._cancel(item.rid)
+            self.data.direct.forget(item.rid)
         elif isinstance(item, P.Load):
             self._start_load(item, allow_any_path=False)
         elif isinstance(item, _Preload):
@@ -187,6 +191,11 @@ class Engine:
             for runner in self.runners.values():
                 runner.fail_all(P.ErrorType.BROKER_LOST, "the broker restarted")
             self.patches.fail(P.ErrorType.BROKER_LOST, "the broker restarted")
+
+    def _cancel(self, rid: str) -> None:
+        if any(runner.cancel(rid) for runner in self.runners.values()) or self.patches.cancel(rid):
+            self.requests.cancelled(rid)
+        self.batch.forget(rid)
 
     def _send(self, msg: P.Message, buffers: list[Any] | None = None) -> None:
         self.requests.emitted(msg)
@@ -208,7 +217,7 @@ class Engine:
             self._send(P.Error(rid=req.rid, type=exc.error_type, message=str(exc)))
             return
         self.requests.admitted(req)
-        self.batch.route(req.rid, req.api)
+        self.batch.route(req.rid, self.data.route(req.rid, req.api, req.reply_to))
         self.active += 1
 
     def _patch(self, req: P.Patch) -> None:
