@@ -85,10 +85,12 @@ class SseStream(Response):
         self._ended = False  # the last body message is written or queued
         self._failure: BaseException | None = None
         self._observer = exchange.observer
+        self._cycle: Any = None  # uvicorn's connection state, when plain tokens may go straight to its transport
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         self._send = scope.get("loom.send") or send
+        self._cycle = _chunked_cycle(self._send)
         self._context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         listening = loop.create_task(_disconnect(receive))
@@ -135,6 +137,12 @@ class SseStream(Response):
         try:
             if self._observer is not None:
                 self._observer.token(self.exchange.rid)
+            cycle = self._cycle
+            if cycle is not None and self._blocked is None and not self._backlog \
+                    and not cycle.flow.write_paused and not cycle.disconnected:
+                body = delta_event(text)
+                cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))  # what its `send` writes for a chunk
+                return
             self._write({"type": "http.response.body", "body": delta_event(text), "more_body": True})
         except BaseException as exc:
             self._fail(exc)
@@ -187,6 +195,24 @@ class SseStream(Response):
                 break
             await self._send(self._backlog.popleft())
         self._blocked = None
+
+
+def _chunked_cycle(send: Any) -> Any:
+    """uvicorn's httptools request cycle behind `send`, if it writes this answer's body in chunks; else None.
+
+    A plain token is then one transport write, as `send` would make it,
+    without building a message and driving a coroutine (about a microsecond
+    a token). Only while `send` would write at once: no pause, no backlog.
+    """
+    cycle = getattr(send, "__self__", None)
+    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl" or type(cycle).__name__ != "RequestResponseCycle":
+        return None
+    try:
+        fits = cycle.chunked_encoding is True and cycle.response_started and cycle.scope["method"] != "HEAD" \
+            and cycle.transport is not None and cycle.flow is not None and isinstance(cycle.disconnected, bool)
+    except (AttributeError, KeyError):  # another uvicorn: the plain path
+        return None
+    return cycle if fits else None
 
 
 @types.coroutine
