@@ -17,6 +17,7 @@ from api.asgi import LoomApp
 from api.auth import require_api_key
 from api.broker_client import BrokerClient, BrokerError, new_rid
 from api.drain import Drain, DrainMiddleware
+from api.fast_routes import FastRoutes
 from api import relay
 from api.events import error_body
 from api.metrics import GenerationMetrics, MetricsMiddleware, WorkerFigures, mark_process_dead
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.readiness = Readiness(settings.required_models)
     app.state.drain = Drain(settings.drain_timeout)
     app.state.worker_figures = WorkerFigures()
+    app.add_middleware(FastRoutes, api=app, routes={"/v1/chat/completions": (ChatRequest, relay.chat),
+                                                    "/generate": (GenerateRequest, relay.generate)})
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so every answer carries the id
@@ -144,13 +147,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # --- generation ------------------------------------------------------------------------
 
+    # Well-formed requests to these two skip FastAPI's per-request layers (api/fast_routes.py).
     @app.post("/v1/chat/completions", dependencies=auth, summary="Chat, streaming (SSE) or not")
     async def chat(body: ChatRequest, request: Request) -> Response:
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
-        return await relay.run(request, body, relay.chat_want(body), messages=messages)
+        return await relay.chat(body, request)
 
     @app.post("/generate", dependencies=auth, summary="Raw-prompt generation; hidden states keyed by layer")
     async def generate(body: GenerateRequest, request: Request) -> Response:
-        return await relay.run(request, body, relay.generate_want(body), prompt=body.prompt)
+        return await relay.generate(body, request)
 
     return app

@@ -18,7 +18,7 @@ from api.events import Completion, Want, error_event, hidden_fields, metadata, u
 from api.research_events import Collected, has_extras
 from api.research_schemas import steering_wire
 from api.responses import ORJSONResponse, error_response, sse_once
-from api.schemas import GenerationFields
+from api.schemas import ChatRequest, GenerateRequest, GenerationFields
 from api.sse_stream import SseStream
 from loom import protocol as P
 
@@ -85,6 +85,17 @@ def generate_msg(fields: GenerationFields, model: str, want: Want, **extra: Any)
                       device=fields.device, positions=want.positions, logprobs=fields.logprobs,
                       top_logprobs=fields.top_logprobs, lens_layers=list(lens.layers) if lens else [],
                       lens_top_k=lens.top_k if lens else 0, steering=steering_wire(fields.steering), **extra)
+
+
+async def chat(body: ChatRequest, request: Request) -> Response:
+    """POST /v1/chat/completions."""
+    messages = [{"role": m.role, "content": m.content} for m in body.messages]
+    return await run(request, body, chat_want(body), messages=messages)
+
+
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    """POST /generate."""
+    return await run(request, body, generate_want(body), prompt=body.prompt)
 
 
 async def run(request: Request, fields: GenerationFields, want: Want, **extra: Any) -> Response:
