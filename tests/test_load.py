@@ -105,7 +105,10 @@ def test_500_mixed_requests_with_a_worker_killed(crowded):
     print("\nload test outcomes:", dict(outcomes))
     assert sum(outcomes.values()) == total
     assert set(outcomes) <= {"complete", "error", "429", "disconnected"}, outcomes
-    assert outcomes["complete"] > total // 4
+    # How many are turned away (429) depends only on how fast a refusal is against a generation,
+    # which a faster API changes; of the requests admitted, most must be answered in full.
+    admitted = total - outcomes["429"]
+    assert admitted >= 24 and outcomes["complete"] > admitted // 2, outcomes
     assert outcomes["error"] >= 1  # the killed worker's requests ended with an error, not silence
     # The server is healthy again afterwards: the killed worker was restarted.
     wait_until(lambda: len([w for w in crowded.workers() if w["models"]]) == 2, 60, 0.3, "both workers back")

@@ -138,10 +138,12 @@ class DirectReplies:
         peer = self._rids.get(rid)
         if peer is None:
             return False
+        if isinstance(msg, _TERMINAL):
+            # The broker hears first, so it has freed the slot by the time the client can ask again
+            # (a client answered at once and turned away by a stale count would get a needless 429).
+            self._end(rid)
         if not peer.send(P.encode(msg, buffers)):
             self._drop(peer)
-        elif isinstance(msg, _TERMINAL):
-            self._end(rid)
         return True
 
     @property
