@@ -26,15 +26,13 @@ from loom.protocol_checks import (MAX_ARRAY_BYTES, ProtocolError, check_arrays, 
 
 PROTOCOL_VERSION = 1
 
-# Largest header we accept; a header is a small map and anything larger is
-# hostile or broken. Array parts are bounded separately.
+# Largest header accepted: a header is a small map (array parts are bounded separately).
 MAX_HEADER_BYTES = 1 << 20
 
-# Each beat wakes threads in every process (~0.3 ms of CPU a message on a 2-core VM): once a second.
+# Each beat wakes threads in every process (~0.3 ms of CPU on a 2-core VM): once a second.
 HEARTBEAT_INTERVAL_S = 1.0
-# A peer that has been silent this long is considered gone. A dead peer whose
-# TCP connection closed is noticed sooner: the broker's next heartbeat to it
-# fails with EHOSTUNREACH (ROUTER_MANDATORY).
+# A peer silent this long is gone; one whose TCP connection closed is noticed at
+# the broker's next heartbeat to it (EHOSTUNREACH, ROUTER_MANDATORY).
 HEARTBEAT_TIMEOUT_S = 4.0
 
 
@@ -189,7 +187,7 @@ class Patch(Message):
     request_id: str = ""
 
 
-# Replies (worker -> broker -> API) ---------------------------------------------
+# Replies (worker -> API: directly, or through the broker) ----------------------
 
 @dataclass
 class Token(Message):
