@@ -198,12 +198,13 @@ class BrokerClient:
             return
         # Plain tokens (the common case): a sink that takes bare text gets just that, no Token message made.
         t_emit = msg.t_emit
+        now = time.perf_counter()  # the step's tokens arrived together
         for rid, text, index in zip(msg.rids, msg.texts, msg.indexes):
             box = queues.get(rid)
             if box is not None:
                 on_text = box.on_text
                 if on_text is not None:
-                    on_text(text)
+                    on_text(text, now)
                 else:
                     box.put((P.Token(rid, text, index, t_emit), []))
 

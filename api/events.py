@@ -22,6 +22,15 @@ def delta_event(text: str) -> bytes:
     return _DELTA_HEAD + orjson.dumps(text) + b"}}\n\n"
 
 
+_CHUNKED_DELTA_SIZE = len(_DELTA_HEAD) + len(b"}}\n\n")
+
+
+def delta_chunk(text: str) -> bytes:
+    """delta_event(text) framed as an HTTP/1.1 chunk, as uvicorn's `send` would write it, in one step."""
+    quoted = orjson.dumps(text)
+    return b"%x\r\n%s%s}}\n\n\r\n" % (_CHUNKED_DELTA_SIZE + len(quoted), _DELTA_HEAD, quoted)
+
+
 def error_body(error_type: str, message: str) -> dict[str, Any]:
     error = {"type": error_type, "message": message}
     request_id = current_request_id()

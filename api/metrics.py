@@ -112,12 +112,11 @@ class GenerationMetrics:
         if len(self._gaps) >= self.FLUSH_AT:
             self.flush()
 
-    def token(self, rid: str) -> None:
-        """As `received` for one plain Token of request `rid`."""
+    def token(self, rid: str, now: float) -> None:
+        """As `received` for one plain Token of request `rid`, arrived at `now` (time.perf_counter())."""
         times = self._open.get(rid)
         if times is None:
             return
-        now = time.perf_counter()
         if times[1]:
             self._gaps.append(now - times[1])
             if len(self._gaps) >= self.FLUSH_AT:

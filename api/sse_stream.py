@@ -35,7 +35,7 @@ from typing import Any
 from fastapi.responses import Response, StreamingResponse
 
 from api.broker_client import TERMINAL, Exchange, Frame
-from api.events import Want, delta_event, error_event, message_delta
+from api.events import Want, delta_chunk, delta_event, error_event, message_delta
 from api.research_events import has_extras, states_events, token_events
 from api.responses import SSE_HEADERS
 from loom import protocol as P
@@ -132,16 +132,15 @@ class SseStream(Response):
         except BaseException as exc:  # never into the reader: the request's task raises it
             self._fail(exc)
 
-    def _on_text(self, text: str) -> None:
-        """A plain token: its delta event, without a Token message or a context switch (nothing here reads one)."""
+    def _on_text(self, text: str, now: float) -> None:
+        """A plain token (arrived at `now`): its delta event, without a Token message or a context switch."""
         try:
             if self._observer is not None:
-                self._observer.token(self.exchange.rid)
+                self._observer.token(self.exchange.rid, now)
             cycle = self._cycle
             if cycle is not None and self._blocked is None and not self._backlog \
                     and not cycle.flow.write_paused and not cycle.disconnected:
-                body = delta_event(text)
-                cycle.transport.write(b"%x\r\n%s\r\n" % (len(body), body))  # what its `send` writes for a chunk
+                cycle.transport.write(delta_chunk(text))
                 return
             self._write({"type": "http.response.body", "body": delta_event(text), "more_body": True})
         except BaseException as exc:

@@ -9,8 +9,8 @@ A scripted broker (its own process) answers the API's pings and, every
 every stream it has open (as a worker's step does), then the Final of each
 stream that reached max_tokens. N raw-socket clients (its own process too,
 cheap, so the machine's two cores are not spent on httpx) read the SSE
-answers to the end. The figure is the `loom api` process's CPU (user +
-system, psutil) over a round / tokens relayed; with several trees, rounds
+answers to the end. The figure is the `loom api` process's CPU (its threads'
+run time, bench/profiling.py) over a round / tokens relayed; with several trees, rounds
 alternate between their API processes and the medians are printed side by
 side, with each tree's answer bodies compared (latency_ms masked).
 Figures, not assertions.
@@ -160,8 +160,9 @@ class Api:
         raise RuntimeError(f"loom api in {tree} did not start")
 
     def cpu(self) -> float:
-        t = self.ps.cpu_times()
-        return t.user + t.system
+        from bench.profiling import cpu_seconds
+
+        return cpu_seconds({"api": [self.ps]})["api"]  # nanosecond run times where /proc has them
 
     def round(self, streams: int, tokens: int) -> tuple[float, dict]:
         before = self.cpu()

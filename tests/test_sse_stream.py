@@ -92,7 +92,7 @@ def test_a_paused_client_gets_every_event_in_order() -> None:
                 send.pause()  # ...and the client stalls again
             # The reader's calls return at once whatever the client does.
             if i % 3:
-                box.on_text(f"t{i}")
+                box.on_text(f"t{i}", 0.0)
             else:
                 box.put((P.Token("r1", f"t{i}", i), []))
             texts.append(f"t{i}")
@@ -115,9 +115,9 @@ def test_a_client_that_hangs_up_cancels_the_request() -> None:
         broker, send = FakeBroker(), PausingSend()
         gone = asyncio.get_running_loop().create_future()
         exchange, task = await open_stream(broker, send, gone)
-        exchange.box.on_text("t1")
+        exchange.box.on_text("t1", 0.0)
         send.pause()  # blocked mid-stream when the client goes
-        exchange.box.on_text("t2")
+        exchange.box.on_text("t2", 0.0)
         gone.set_result(None)
         send.resume()
         await asyncio.wait_for(task, 10)
