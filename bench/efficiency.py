@@ -9,10 +9,12 @@ Figures (each against a baseline measured in this run, on the same model and
 torch thread count; see bench/README.md):
   (a) 64 streams x 200 tokens on the 4M model, temperature 0.8: aggregate
       tok/s over HTTP / the bare loop's tok/s at batch 64 with the same sampling;
-  (b) CPU time (psutil, all threads) of the API, broker and worker processes
-      over that run / tokens relayed; the worker's CPU outside the forward pass,
-      estimated as its CPU per token minus the bare loop's forward CPU per token
-      (and, with --profile, from the share of py-spy samples outside it);
+  (b) CPU time (every thread's run time, bench/profiling.py) of the API, broker
+      and worker processes over that run / tokens relayed; the worker's CPU
+      outside the forward pass: its engine thread's, measured in process with
+      the forward wrapped (bench/step_overhead.py, same batch and sampling),
+      plus its other threads' from this run (and, with --profile, from the
+      share of py-spy samples outside it);
   (c) time to first token on the 90M model, server minus the in-process baseline, on a traced stack
       of its own (bench/ttft_path.py): robustly, each request's TTFT minus the worker's own prefill
       forward plus the prefill's CPU-time difference, and the paired median as before;
@@ -25,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +111,23 @@ def measure_batch(stack: Stack, bare: BareLoop, model: str, args: argparse.Names
             "api_plus_broker_us": cpu["api"] + cpu["broker"]}
 
 
+def measure_engine_outside(path: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The worker's engine thread outside the model's forward at batch 64 (bench/step_overhead.py, a process of
+    its own): the same runner and step batch, the forward timed by wrapping it, each step's message written to
+    a socket. The bare loop's forward is not the worker's (another cache), so subtracting it cannot give this."""
+    out = Path(tempfile.mkdtemp(prefix="loom-steps-")) / "steps.json"
+    cmd = [sys.executable, str(REPO / "bench" / "step_overhead.py"), "--model", path, "--batch", str(args.streams),
+           "--tokens", str(args.tokens), "--temperature", str(args.temperature), "--top-p", str(args.top_p),
+           "--single-tokens", "0", "--no-pieces", "--reps", str(args.reps), "--threads", "1", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not out.exists():
+        log(f"step_overhead.py failed: {done.stderr[-500:]}")
+        return None
+    case = next(iter(json.loads(out.read_text()).values()))
+    return {"server_us_per_token": case["server"]["outside_us_per_token"],
+            "bare_us_per_token": case["bare"]["outside_us_per_token"]}
+
+
 def measure_profile(stack: Stack, model: str, args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """py-spy on the API, broker and worker during one more 64-stream run (not a measured one)."""
     procs = {k: v for k, v in profiling.roles(stack).items() if k in ("api", "broker", "worker")}
@@ -179,10 +201,14 @@ def report(r: dict[str, Any]) -> list[tuple[str, str, str]]:
             fmt="{0[0]:.1f} | {0[1]:.1f} us")
         add("    bare loop: forward | sampling CPU per token",
             (a["bare_forward_cpu_us_per_token"], a["bare_sample_cpu_us_per_token"]), fmt="{0[0]:.1f} | {0[1]:.1f} us")
-        add("    worker outside the forward (worker - bare forward)", a.get("worker_outside_forward_us_by_subtraction"),
-            "<= 15 us", "{:.1f} us")
         add("    worker engine thread | other threads CPU per token", (c["worker engine thread"], c["worker other threads"]),
             fmt="{0[0]:.1f} | {0[1]:.1f} us")
+        e = r.get("engine_outside")
+        if e:
+            add("    worker outside the forward: engine thread in process (step_overhead.py) + other threads",
+                e["server_us_per_token"] + c["worker other threads"], "<= 15 us", "{:.1f} us")
+            add("    engine thread outside the forward | the bare loop's own outside", (e["server_us_per_token"],
+                e["bare_us_per_token"]), fmt="{0[0]:.1f} | {0[1]:.1f} us")
         p = r.get("profile") or {}
         share = ((p.get("worker") or {}).get("forward_share_by_thread") or {}).get("Engine._run")
         if share is not None:
@@ -268,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"{name}: (a)+(b) {args.streams} streams x {args.tokens} tokens, temperature "
                         f"{args.temperature}, top_p {args.top_p}, alternating with the bare loop, x{args.reps}")
                     r["batch"] = measure_batch(stack, bare, name, args)
+                    log(f"{name}: the engine thread's CPU outside the forward, in process (bench/step_overhead.py)")
+                    r["engine_outside"] = measure_engine_outside(path, args)
                     if args.profile:
                         log(f"{name}: py-spy on the API, broker and worker during one more run")
                         r["profile"] = measure_profile(stack, name, args, args.cache_dir / "profiles")

@@ -5,8 +5,9 @@
     python bench/step_overhead.py --model bench/.cache/models/llama-90m --batch 0
     python bench/step_overhead.py --code /tmp/old      # the workers/ of another tree (A/B in one window)
 
-Runs the real ModelRunner and StepBatch (frames encoded as the outbox does,
-no sockets) and, in the same process on the same model, a bare decode loop
+Runs the real ModelRunner and StepBatch (each step's message encoded and
+written to a Unix socket with sendmsg, as a direct reply is:
+workers/direct_replies.py; a thread reads it off) and, in the same process on the same model, a bare decode loop
 (batch prefilled together, torch.multinomial or argmax, the tokens looked
 at with one tolist a step). CPU is `time.thread_time` of this thread: what
 other processes on a shared machine do shows up only as cache effects, not
@@ -20,8 +21,11 @@ call costs a little itself, estimated and subtracted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -130,11 +134,11 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
     from workers.runner import ModelRunner
     from workers.step_batch import StepBatch
 
-    frames: list[Any] = []
+    frames = _ReplyPipe()
     frame_count = [0]
 
-    def put(msg, buffers):  # Outbox.put without the wake-up pipe write
-        frames.append(P.encode(msg, buffers))
+    def put(msg, buffers):  # the engine's own write of a step's message
+        frames.write(P.encode(msg, buffers))
         frame_count[0] += 1
 
     batch = StepBatch(put)
@@ -163,7 +167,37 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
         if pieces is not None:
             pieces.undo()
         fwd.undo()
+        frames.close()
     return _summary(steps)
+
+
+class _ReplyPipe:
+    """A direct reply's socket: framed messages written with one sendmsg each, read by another
+    process (`cat`), as the API process reads them: no thread here takes the GIL to read.
+
+    A tree from before direct replies (no loom/stream_frames.py) only encodes, as its worker did.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from loom.stream_frames import framed
+        except ImportError:
+            framed = None
+        self._framed = framed
+        self._out, theirs = socket.socketpair()
+        self._reader = subprocess.Popen(["cat"], stdin=theirs, stdout=subprocess.DEVNULL)
+        theirs.close()
+
+    def write(self, parts: list[Any]) -> None:
+        if self._framed is not None:
+            self._out.sendmsg(self._framed(parts)[0])
+
+    def clear(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._out.close()
+        self._reader.wait(10)
 
 
 def inference_mode():
@@ -302,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the worker's on 2 cores)")
     ap.add_argument("--no-pieces", action="store_true", help="skip the instrumented per-piece run")
     ap.add_argument("--code", help="import workers/ and loom/ from this tree instead (A/B)")
+    ap.add_argument("--json", type=Path, help="also write each case's medians here (bench/efficiency.py reads them)")
     args = ap.parse_args(argv)
     _setup_path(args.code)
     import workers.runner
@@ -315,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"batch {args.batch}, T={args.temperature}", args.batch, args.tokens, args.temperature))
     if args.single_tokens:
         cases.append(("1 row, greedy", 1, args.single_tokens, 0.0))
+    results: dict[str, Any] = {}
     for title, n, tokens, temp in cases:
         run_server(lm, requests(min(n, 4), 8, temp, args.top_p, name))  # warm-up
         run_bare(lm, min(n, 4), 8, temp)
@@ -324,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             bare.append(run_bare(lm, n, tokens, temp))
         med = {k: statistics.median(r[k] for r in server) for k in server[0]}
         bmed = {k: statistics.median(r[k] for r in bare) for k in bare[0]}
+        results[title] = {"server": med, "bare": bmed}
+        if args.json:
+            args.json.write_text(json.dumps(results))
         print(f"{title}: medians of {args.reps} alternating runs (thread CPU)")
         print(_fmt("server", med))
         print(_fmt("bare", bmed))
