@@ -13,6 +13,8 @@ worker it loses; everything but a generation's frames keeps its old path.
 
 A Unix socket cannot be reached from another host: a worker there answers
 through the broker as before, and nothing new is exposed on the network.
+A process killed outright leaves its directory behind; the next API process
+to start removes those nothing listens on (`sweep_stale`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import asyncio
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from typing import Any, Callable
 
 from loom.protocol_checks import ProtocolError
@@ -30,6 +34,8 @@ log = logging.getLogger("loom.api")
 
 # Longest path a Unix socket may have (sun_path is 108 bytes on Linux, with its NUL).
 _MAX_PATH = 107
+PREFIX = "loom-api-"
+STALE_AFTER_S = 60.0
 
 OnMessage = Callable[[list[Any]], None]
 
@@ -38,7 +44,8 @@ class ReplySocket:
     """A Unix socket server on a private path: workers connect to `endpoint` ("unix:" + path)."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="loom-api-")  # mode 0700: other users cannot connect
+        sweep_stale(tempfile.gettempdir())
+        self._dir = tempfile.mkdtemp(prefix=PREFIX)  # mode 0700: other users cannot connect
         self.path = os.path.join(self._dir, "replies")
         if len(self.path.encode()) > _MAX_PATH:
             shutil.rmtree(self._dir, ignore_errors=True)
@@ -86,6 +93,34 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self._transport)
+
+
+def sweep_stale(parent: str) -> None:
+    """Remove the socket directories of API processes that died without removing theirs (a SIGKILL, a crash).
+
+    Only this user's, only those older than STALE_AFTER_S (a process that
+    has just made its directory may not have bound its socket yet), and only
+    where nothing listens any more: connecting is refused or finds no socket.
+    """
+    now = time.time()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if not entry.name.startswith(PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            info = entry.stat(follow_symlinks=False)
+            if info.st_uid != os.getuid() or now - info.st_mtime < STALE_AFTER_S:
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(os.path.join(entry.path, "replies"))
+            continue  # a live API process answered
+        except (ConnectionRefusedError, FileNotFoundError):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def open_reply_socket() -> ReplySocket | None:

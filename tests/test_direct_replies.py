@@ -213,6 +213,33 @@ def test_the_api_routes_frames_from_its_socket_and_drops_a_connection_it_cannot_
     asyncio.run(main())
 
 
+def test_directories_left_by_dead_api_processes_are_swept_and_live_ones_kept(tmp_path):
+    from api.reply_socket import PREFIX, STALE_AFTER_S, sweep_stale
+
+    def made(name: str, listening: bool, age_s: float) -> tuple[str, socket.socket]:
+        d = tmp_path / f"{PREFIX}{name}"
+        d.mkdir(mode=0o700)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(d / "replies"))
+        if listening:
+            sock.listen()
+        else:
+            sock.close()  # the process died: the socket file stays, nothing listens
+        old = os.stat(d).st_mtime - age_s
+        os.utime(d, (old, old))
+        return str(d), sock
+
+    dead, _ = made("dead", listening=False, age_s=STALE_AFTER_S + 5)
+    alive, live_sock = made("alive", listening=True, age_s=STALE_AFTER_S + 5)
+    young, _ = made("young", listening=False, age_s=0)  # may not have bound its socket yet
+    unrelated = tmp_path / "someone-else"
+    unrelated.mkdir()
+    sweep_stale(str(tmp_path))
+    assert not os.path.exists(dead)
+    assert os.path.exists(alive) and os.path.exists(young) and unrelated.exists()
+    live_sock.close()
+
+
 # --- end to end ----------------------------------------------------------------------------------------
 
 @pytest.fixture
