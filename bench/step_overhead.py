@@ -162,7 +162,7 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
     steps = []  # (tokens, step cpu ns, forward cpu ns)
     try:
         with inference_mode():  # as the engine's thread
-            _steps(runner, batch, frames, fwd, steps, pieces)
+            _steps(runner, batch, fwd, steps, pieces)
     finally:
         if pieces is not None:
             pieces.undo()
@@ -192,9 +192,6 @@ class _ReplyPipe:
         if self._framed is not None:
             self._out.sendmsg(self._framed(parts)[0])
 
-    def clear(self) -> None:
-        pass
-
     def close(self) -> None:
         self._out.close()
         self._reader.wait(10)
@@ -206,7 +203,7 @@ def inference_mode():
     return torch.inference_mode()
 
 
-def _steps(runner, batch, frames, fwd, steps, pieces) -> None:
+def _steps(runner, batch, fwd, steps, pieces) -> None:
     while runner.active:
         prefill = bool(runner.pending)
         rows = len(runner.rows)
@@ -215,7 +212,6 @@ def _steps(runner, batch, frames, fwd, steps, pieces) -> None:
         runner.step()
         batch.flush()
         t1 = time.thread_time_ns()
-        frames.clear()
         if not prefill and rows:
             steps.append((rows, t1 - t0, fwd.ns - f0))
         elif pieces is not None:  # only decode steps count, as in the totals

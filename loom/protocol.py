@@ -71,14 +71,9 @@ def _fields(cls: type) -> tuple[str, ...]:
     return names
 
 
-@dataclass
-class ArraySpec:
-    """Describes one raw buffer part: which layer, its shape and dtype name."""
-
-    layer: int
-    shape: list[int]
-    dtype: str  # "float16" | "bfloat16" | "float32"; bfloat16 travels as its raw 2-byte words
-    keys: list[int]  # every layer index the client asked for that names this array (-2 and N are one)
+# An ArraySpec (each dict of an `arrays` field) describes one raw buffer part: "layer", "shape",
+# "dtype" ("float16" | "bfloat16" | "float32"; bfloat16 travels as its raw 2-byte words) and "keys"
+# (every layer index the client asked for that names this array: -2 and N are one).
 
 
 # Requests (API -> broker -> worker) -------------------------------------------
