@@ -22,6 +22,7 @@ import torch
 from loom import protocol as P
 from loom.heap import collect_all, freeze_heap
 from loom.model_names import aliases_for, model_id_for
+from workers.allocator import IdleRelease
 from workers.data_socket import DataSocket
 from workers.figures import worker_figures
 from workers.model_store import LoadedModel, ModelLoadError, load_model, resolve_source
@@ -64,7 +65,7 @@ class _Reset:
 
 class Engine:
     def __init__(self, device: str, outbox: Outbox, data: DataSocket, model_dirs: list[Path], capacity: int,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, release_when_idle: bool = False):
         self.device = device
         # Request frames go out on the engine's own socket; model lists (Loaded,
         # Unloaded) through the socket thread's, in order with its heartbeats.
@@ -89,6 +90,7 @@ class Engine:
         self.model_infos: list[dict[str, Any]] = []
         self.figures: dict[str, int] = worker_figures(())
         self._figures_at = 0.0
+        self._idle_release = IdleRelease(release_when_idle)  # memory kept while busy goes back when idle
 
     def start(self) -> None:
         self.thread.start()
@@ -143,6 +145,7 @@ class Engine:
             now = time.monotonic()
             if now - self._figures_at > 0.2 or not self.active:  # an emptied batch shows at once
                 self.figures, self._figures_at = worker_figures(self.runners.values()), now
+            self._idle_release.tick(bool(self.active or direct.pending), now)
 
     def _drain(self, block: bool, timeout: float) -> None:
         try:
@@ -299,7 +302,7 @@ class Engine:
             return
         lm = done.loaded
         lm.model_id, lm.aliases = pending.model_id, pending.names
-        self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush, self.batch.put_text)
+        self.runners[lm.model_id] = ModelRunner(lm, self._send, self.batch.flush, self.batch.put_texts)
         freeze_heap()
         self._aliases.update((name, lm.model_id) for name in lm.aliases)
         log.info("loaded %s from %s on %s as %s in %.2fs (hidden %d, %d layers; text by %s; also known as %s)",

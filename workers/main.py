@@ -66,6 +66,9 @@ def model_dirs(args: argparse.Namespace) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(f"worker:{args.device}", args.log_level, args.log_format)
+    from workers.allocator import keep_freed_memory
+
+    keeps_freed = keep_freed_memory()  # before torch allocates anything
     import torch
 
     from workers.engine import Engine
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     outbox = Outbox()
     ctx = zmq.Context()
     engine = Engine(args.device, outbox, DataSocket(ctx, worker_id, args), model_dirs(args), args.capacity,
-                    args.trust_remote_code)
+                    args.trust_remote_code, release_when_idle=keeps_freed)
     engine.start()
     for model in args.model:
         engine.preload(model, args.dtype)
