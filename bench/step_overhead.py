@@ -116,6 +116,12 @@ def load(path: str, threads: int):
     from workers.model_store import load_model
 
     torch.set_num_threads(threads)
+    try:  # as the worker process does at start (LOOM_KEEP_FREED_MEMORY=0: glibc's defaults)
+        from workers.allocator import keep_freed_memory
+    except ImportError:  # a tree from before it
+        pass
+    else:
+        keep_freed_memory()
     return load_model(Path(path).name, path, "float32", "cpu")
 
 
@@ -149,7 +155,7 @@ def run_server(lm, reqs, pieces: Pieces | None = None) -> dict[str, Any]:
         batch.put(msg, buffers or [])
 
     try:
-        runner = ModelRunner(lm, send, batch.flush, batch.put_text)
+        runner = ModelRunner(lm, send, batch.flush, getattr(batch, "put_texts", None) or batch.put_text)
     except (TypeError, AttributeError):  # a tree from before emit_text
         runner = ModelRunner(lm, send, batch.flush)
     fwd = _time_forward(lm.model)
@@ -250,6 +256,8 @@ def _instrument(p: Pieces, runner, batch) -> None:
         if hasattr(D, kind):
             p.wrap(getattr(D, kind), "push", "detokenize")
     p.wrap(runner, "_advance", "stop checks/advance")
+    if hasattr(runner, "_advance_plain"):
+        p.wrap(runner, "_advance_plain", "stop checks/advance")
     p.wrap(runner, "_emit_token", "emit (Token objects)")
     p.wrap(runner, "_finish", "finish (Final)")
     p.wrap(runner, "_outputs", "outputs (extras)")
@@ -259,8 +267,9 @@ def _instrument(p: Pieces, runner, batch) -> None:
     p.wrap(BatchCache, "next_mask", "kv bookkeeping")
     p.wrap(BatchCache, "keep_rows", "kv bookkeeping")
     p.wrap(batch, "put", "step batch put")
-    if hasattr(batch, "put_text"):
-        p.wrap(batch, "put_text", "step batch put")
+    for name in ("put_text", "put_texts"):  # either, in trees that have it
+        if hasattr(batch, name):
+            p.wrap(batch, name, "step batch put")
     p.wrap(batch, "flush", "step batch flush+encode")
     p.wrap(runner.loaded.model, "forward", "forward")
 
