@@ -17,24 +17,22 @@ class TokenBatch:
         self.rids: list[str] = []
         self.texts: list[str] = []
         self.indexes: list[int] = []
-        self.extras: list[dict[str, Any]] = []
+        self.extras: list[dict[str, Any]] = []  # one per entry once any entry has some, else empty
         self.buffers: list[Any] = []
         self.has_extras = False
 
     def __len__(self) -> int:
         return len(self.rids)
 
-    def add_text(self, rid: str, text: str, index: int) -> None:
-        """add(Token(rid, text, index), []) for a token with nothing but its text, without the Token object."""
-        self.rids.append(rid)
-        self.texts.append(text)
-        self.indexes.append(index)
-        self.extras.append({})
+    def add_texts(self, rids: list[str], texts: list[str], indexes: list[int]) -> None:
+        """add(Token(rid, text, index), []) for each entry: tokens with nothing but their text, without Token objects."""
+        self.rids += rids
+        self.texts += texts
+        self.indexes += indexes
+        if self.has_extras:
+            self.extras += [{} for _ in rids]
 
     def add(self, token: Token, buffers: list[Any]) -> None:
-        self.rids.append(token.rid)
-        self.texts.append(token.text)
-        self.indexes.append(token.index)
         extra: dict[str, Any] = {}
         if token.arrays:
             extra["arrays"] = token.arrays
@@ -43,9 +41,15 @@ class TokenBatch:
             extra["logprobs"] = token.logprobs
         if token.lens is not None:
             extra["lens"] = token.lens
-        self.extras.append(extra)
-        self.has_extras = self.has_extras or bool(extra)
+        if extra and not self.has_extras:  # the first entry with extras: every entry gets a map from now on
+            self.extras = [{} for _ in self.rids]
+            self.has_extras = True
+        self.rids.append(token.rid)
+        self.texts.append(token.text)
+        self.indexes.append(token.index)
+        if self.has_extras:
+            self.extras.append(extra)
 
     def message(self, api: bytes, t_emit: float) -> tuple[Tokens, list[Any]]:
         return Tokens(api=api, rids=self.rids, texts=self.texts, indexes=self.indexes, t_emit=t_emit,
-                      extras=self.extras if self.has_extras else []), self.buffers
+                      extras=self.extras), self.buffers

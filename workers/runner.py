@@ -31,7 +31,7 @@ __all__ = ["ModelRunner", "RequestError"]
 log = logging.getLogger("loom.worker")
 
 Emit = Callable[[P.Message, list[Any]], None]
-EmitText = Callable[[str, str, int], None]  # rid, text, index
+EmitTexts = Callable[[list[str], list[str], list[int]], None]  # rids, texts, indexes
 
 # Most prompts prefilled in one forward pass: new arrivals join together, but
 # a burst does not become one huge allocation.
@@ -40,17 +40,17 @@ MAX_PREFILL_ROWS = 16
 
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, emit: Emit, flush: Callable[[], None] = lambda: None,
-                 emit_text: EmitText | None = None):
+                 emit_texts: EmitTexts | None = None):
         self.loaded = loaded
         self.emit = emit
-        # A token with only its text (most of them): the engine's step batch takes the fields
-        # without a Token object per token.
-        self.emit_text = emit_text or (lambda rid, text, index: emit(
-            P.Token(rid=rid, text=text, index=index, t_emit=time.time()), []))
+        # Tokens with only their text (most of them): the engine's step batch takes a step's
+        # fields in one call, without a Token object per token.
+        self.emit_texts = emit_texts or self._emit_each
         self.flush = flush  # sends what emit holds back (the engine batches a step's tokens)
         self.hooks = LayerHooks(loaded.model, loaded.num_layers)
         self.kv = BatchCache()
         self.rows: list[Sequence] = []
+        self._params: _RowParams | None = None  # of `rows`; None after they change
         self.pending: list[Sequence] = []
         self.dtype_name = DTYPE_NAMES.get(loaded.dtype, "float32")
         self.outputs = Outputs(self.hooks, TokenTexts(loaded.tokenizer), self.dtype_name, loaded.device,
@@ -83,6 +83,7 @@ class ModelRunner:
             self.emit(P.Error(rid=seq.rid, type=error_type, message=message), [])
         self.pending.clear()
         self.rows.clear()
+        self._params = None
         self.kv = BatchCache()
 
     # --- the step ---------------------------------------------------------------
@@ -139,6 +140,7 @@ class ModelRunner:
         # The cache fills a leaver's place with a later row: the rows follow its order.
         order = self.kv.keep_rows(keep)
         self.rows = [self.rows[i] for i in order]
+        self._params = None
 
     def _forward(self, input_ids: torch.Tensor, cache: Any, plan: ForwardPlan,
                  **kwargs: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -205,14 +207,17 @@ class ModelRunner:
                 layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
             mask = mask.index_select(0, index)
         self.rows.extend(seqs[i] for i in keep)
+        self._params = None
         self.kv.append_rows(cache, mask, room=len(self.pending))  # the waiting join next: room for them too
 
     def _decode(self) -> None:
         lm = self.loaded
         rows = self.rows
         input_ids = to_device([s.last_token for s in rows], torch.long, lm.device)[:, None]  # no wait on a GPU
-        # Most steps no row asks for states, lens, logprobs or steering: no plan, no extras to gather.
-        plain = not any(s.slots or s.lens_slots or s.steering or s.top_logprobs >= 0 for s in rows)
+        params = self._params
+        if params is None:
+            params = self._params = _RowParams(rows)
+        plain = params.plain
         plan, rows_by_slot = (NO_PLAN, {}) if plain else self.outputs.plan(rows, prefill=False)
         mask = self.kv.next_mask()
         if mask is not None:
@@ -222,12 +227,13 @@ class ModelRunner:
         else:
             # Rows all aligned: positions follow from the cache length, no mask needed.
             logits, captured = self._forward(input_ids, self.kv.cache, plan)
-        tokens = choose_tokens(logits, [s.temperature for s in rows], [s.top_p for s in rows],
-                               [s.generator for s in rows])
-        outs = {} if plain else self._outputs(rows, logits, tokens, Captured(captured, rows_by_slot, plan),
-                                               prefill=False)
-        advance = self._advance
-        keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not advance(s, t, outs.get(i))]
+        tokens = choose_tokens(logits, params.temperatures, params.top_ps, params.generators)
+        if plain:
+            keep = self._advance_plain(rows, tokens)
+        else:
+            outs = self._outputs(rows, logits, tokens, Captured(captured, rows_by_slot, plan), prefill=False)
+            advance = self._advance
+            keep = [i for i, (s, t) in enumerate(zip(rows, tokens)) if not advance(s, t, outs.get(i))]
         if len(keep) != len(rows):
             self._keep(keep)
 
@@ -245,13 +251,43 @@ class ModelRunner:
                 self.emit(P.States(rid=seq.rid, arrays=out.specs), out.buffers)
             self._finish(seq, "end_turn")
             return True
-        seq.generated += 1
-        seq.last_token = token
-        self._emit_token(seq, seq.detok.push(token), out)
+        self._emit_token(seq, seq.accept(token), out)
         if seq.generated >= seq.max_tokens:
             self._finish(seq, "max_tokens")
             return True
         return False
+
+    def _advance_plain(self, rows: list[Sequence], tokens: list[int]) -> list[int]:
+        """_advance for a step in which no row asks for extras: the indexes of the rows that go on.
+
+        Per row it only counts the token and collects its text; the texts go to the step
+        batch in one call, before the Finals of the rows that ended, which must follow them.
+        """
+        eos = self.loaded.eos_ids
+        keep, ended = [], []
+        rids, texts, indexes = [], [], []
+        for i, (seq, token) in enumerate(zip(rows, tokens)):
+            if token in eos:
+                ended.append((seq, "end_turn"))
+                continue
+            text = seq.accept(token)
+            if text:
+                rids.append(seq.rid)
+                texts.append(text)
+                indexes.append(seq.generated - 1)
+            if seq.generated >= seq.max_tokens:
+                ended.append((seq, "max_tokens"))
+            else:
+                keep.append(i)
+        self.emit_texts(rids, texts, indexes)
+        for seq, stop_reason in ended:
+            self._finish(seq, stop_reason)
+        return keep
+
+    def _emit_each(self, rids: list[str], texts: list[str], indexes: list[int]) -> None:
+        now = time.time()
+        for rid, text, index in zip(rids, texts, indexes):
+            self.emit(P.Token(rid=rid, text=text, index=index, t_emit=now), [])
 
     def _emit_token(self, seq: Sequence, text: str, out: RowOut | None) -> None:
         """The one place a generated token leaves the worker, with what its request asked for.
@@ -262,7 +298,7 @@ class ModelRunner:
         """
         if out is None:
             if text:
-                self.emit_text(seq.rid, text, seq.generated - 1)
+                self.emit_texts([seq.rid], [text], [seq.generated - 1])
             return
         if out.logprob is not None:
             seq.pending_logprobs.append(out.logprob)
@@ -297,6 +333,19 @@ class ModelRunner:
             dtype=self.dtype_name,
             arrays=specs,
         ), buffers)
+
+
+class _RowParams:
+    """What a decode step reads of every row, gathered once while the rows stay the same."""
+
+    __slots__ = ("temperatures", "top_ps", "generators", "plain")
+
+    def __init__(self, rows: list[Sequence]) -> None:
+        self.temperatures = [s.temperature for s in rows]
+        self.top_ps = [s.top_p for s in rows]
+        self.generators = [s.generator for s in rows]
+        # Most steps no row asks for states, lens, logprobs or steering: no plan, no extras to gather.
+        self.plain = not any(s.slots or s.lens_slots or s.steering or s.top_logprobs >= 0 for s in rows)
 
 
 def _zero_padding(cache: Any, mask: torch.Tensor) -> None:

@@ -40,6 +40,12 @@ class Sequence:
     cancelled: bool = False
     started: float = field(default_factory=time.perf_counter)
 
+    def accept(self, token: int) -> str:
+        """Count `token` (not an end of turn) as generated; the text it completes."""
+        self.generated += 1
+        self.last_token = token
+        return self.detok.push(token)
+
     @property
     def position(self) -> int:
         """Position id of `last_token`, the next input to the model."""

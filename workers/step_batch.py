@@ -33,13 +33,15 @@ class StepBatch:
     def forget(self, rid: str) -> None:
         self._api.pop(rid, None)
 
+    def _group(self, api: bytes) -> TokenBatch:
+        group = self._groups.get(api)
+        if group is None:
+            group = self._groups[api] = TokenBatch()
+        return group
+
     def put(self, msg: P.Message, buffers: list[Any]) -> None:
         if type(msg) is P.Token:
-            api = self._api.get(msg.rid, b"")
-            group = self._groups.get(api)
-            if group is None:
-                group = self._groups[api] = TokenBatch()
-            group.add(msg, buffers)
+            self._group(self._api.get(msg.rid, b"")).add(msg, buffers)
             self._waiting.add(msg.rid)
             return
         rid = getattr(msg, "rid", None)
@@ -50,14 +52,18 @@ class StepBatch:
         else:
             self._send(msg, buffers)
 
-    def put_text(self, rid: str, text: str, index: int) -> None:
-        """put(Token(rid, text, index)) for a token with nothing but its text, without the Token object."""
-        api = self._api.get(rid, b"")
-        group = self._groups.get(api)
-        if group is None:
-            group = self._groups[api] = TokenBatch()
-        group.add_text(rid, text, index)
-        self._waiting.add(rid)
+    def put_texts(self, rids: list[str], texts: list[str], indexes: list[int]) -> None:
+        """put(Token(rid, text, index)) for each entry (a step's plain tokens), without Token objects."""
+        if not rids:
+            return
+        api_of = self._api
+        apis = {api_of.get(rid, b"") for rid in rids}
+        if len(apis) == 1:  # the usual case: one API process, or one request
+            self._group(apis.pop()).add_texts(rids, texts, indexes)
+        else:
+            for rid, text, index in zip(rids, texts, indexes):
+                self._group(api_of.get(rid, b"")).add_texts([rid], [text], [index])
+        self._waiting.update(rids)
 
     def flush(self) -> None:
         if not self._groups:
