@@ -26,8 +26,14 @@ def part_size(part: Any) -> int:
     return len(part) if type(part) is bytes else memoryview(part).nbytes
 
 
+_ONE_PART = struct.Struct("<III")  # the prefix and the one length of a message in one part
+
+
 def framed(parts: list[Any]) -> tuple[list[Any], int]:
     """The buffers that write one message (for sendmsg), and their total size."""
+    if len(parts) == 1:  # a step's tokens without arrays: most messages
+        size = part_size(parts[0])
+        return [_ONE_PART.pack(4 + size, 1, size), parts[0]], _ONE_PART.size + size
     sizes = [part_size(p) for p in parts]
     lengths = struct.pack(f"<{len(parts)}I", *sizes)
     body = len(lengths) + sum(sizes)

@@ -143,3 +143,25 @@ def test_half_precision_logits():
     got = choose_tokens(logits, [0.8] * 4, [0.9] * 4, gens)
     again = choose_tokens(logits.float(), [0.8] * 4, [0.9] * 4, [_generator(i) for i in range(4)])
     assert got == again and all(0 <= t < 256 for t in got)
+
+
+def test_the_host_search_lands_where_the_tensor_search_does():
+    # The CPU path (numpy) searches below the mass only for rows whose target rounded up to it; the
+    # tensor path clamps every row. Uniforms just under 1 round to 1.0 in float32 and take that branch.
+    import numpy as np
+
+    from workers.sampling import _inverse_cdf, _inverse_cdf_on_host
+
+    rng = torch.Generator().manual_seed(5)
+    weights = torch.rand(64, 300, generator=rng) * (torch.rand(64, 300, generator=rng) > 0.5)
+    weights[:, -20:] = 0  # trailing tokens of weight 0 must never be drawn
+    weights[::7] = 0
+    weights[::7, 4] = 1.0  # rows with a single candidate
+    uniforms = torch.rand(64, dtype=torch.float64, generator=rng)
+    uniforms[::3] = 1.0 - 2.0 ** -40  # rounds to 1.0 in float32: the target meets the mass
+    uniforms[1::5] = 0.0
+    expected, mass = _inverse_cdf(weights, uniforms)
+    got, host_mass = _inverse_cdf_on_host(weights.numpy().copy(), uniforms.numpy().astype(np.float32))
+    assert got.tolist() == expected[:, 0].tolist()
+    assert host_mass.tolist() == mass[:, 0].tolist()
+    assert (weights.gather(1, torch.from_numpy(got)[:, None]) > 0).all()

@@ -140,7 +140,7 @@ _TINY = np.finfo(np.float32).tiny
 def _choose_on_host(logits: torch.Tensor, sampled: list[int], temperatures: Seq[float], top_ps: Seq[float],
                     generators: Seq[Generator]) -> list[int]:
     """choose_tokens for CPU logits (see the module docstring)."""
-    a = logits.detach().float().numpy()
+    a = (logits if logits.dtype == torch.float32 and not logits.requires_grad else logits.detach().float()).numpy()
     if not sampled:
         return a.argmax(axis=1).tolist()
     every = len(sampled) == a.shape[0]
@@ -153,7 +153,11 @@ def _choose_on_host(logits: torch.Tensor, sampled: list[int], temperatures: Seq[
         rows = a[sampled]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         w = rows - rows.max(axis=1, keepdims=True)
-        w /= np.maximum(np.array(temps, dtype=np.float32), _TINY)[:, None]
+        t0 = temps[0]
+        if temps.count(t0) == len(temps):  # one temperature (the usual batch): the same quotients, by a scalar
+            w /= np.maximum(np.float32(t0), _TINY)
+        else:
+            w /= np.maximum(np.array(temps, dtype=np.float32), _TINY)[:, None]
         np.exp(w, out=w)
     cut = [j for j, p in enumerate(tops) if not p >= 1.0]
     picks = _draw_on_host(w, np.array(tops, dtype=np.float32), gens, bool(cut))
@@ -167,7 +171,7 @@ def _choose_on_host(logits: torch.Tensor, sampled: list[int], temperatures: Seq[
 def _draw_on_host(w: np.ndarray, top_ps: np.ndarray, gens: Seq[Generator], cut_any: bool) -> np.ndarray:
     """_draw on numpy arrays: a token per row of weights `w`, each row cut to its nucleus."""
     n = w.shape[0]
-    x, mass = _inverse_cdf_on_host(w, np.array([_uniform(g) for g in gens], dtype=np.float64))
+    x, mass = _inverse_cdf_on_host(w, _uniforms_on_host(gens))
     if not cut_any:
         return x
     picks = np.empty(n, dtype=np.int64)
@@ -186,16 +190,23 @@ def _draw_on_host(w: np.ndarray, top_ps: np.ndarray, gens: Seq[Generator], cut_a
         active = active[redraw]
         w = w[redraw]
         w = w * (w > wx[redraw][:, None])
-        x, _ = _inverse_cdf_on_host(w, np.array([_uniform(gens[j]) for j in active], dtype=np.float64))
+        x, _ = _inverse_cdf_on_host(w, _uniforms_on_host([gens[j] for j in active]))
+
+
+def _uniforms_on_host(gens: Seq[Generator]) -> np.ndarray:
+    """Each generator's uniform (_uniform), as float32: the precision of the weights it scales."""
+    python = random.Random
+    return np.array([g.random() if type(g) is python else _uniform(g) for g in gens], dtype=np.float32)
 
 
 def _inverse_cdf_on_host(w: np.ndarray, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """_inverse_cdf on numpy arrays: the column each uniform lands on [rows], and each row's mass [rows].
+    """_inverse_cdf on numpy arrays (`uniforms` float32): the column each uniform lands on [rows], and each
+    row's mass [rows].
 
     The cumulative sum and the search are torch's (numpy's accumulate is 3-4x slower, and a row-wise
     search has no batched numpy form); both share the arrays' memory.
     """
     cdf = torch.from_numpy(w).cumsum(dim=1)
     mass = cdf[:, -1].numpy()
-    target = np.minimum(uniforms.astype(np.float32) * mass, np.nextafter(mass, np.float32(0)))
+    target = np.minimum(uniforms * mass, np.nextafter(mass, np.float32(0)))
     return torch.searchsorted(cdf, torch.from_numpy(target[:, None]), right=True).numpy()[:, 0], mass
